@@ -1,0 +1,170 @@
+"""
+### Fruits! image embeddings
+
+New photo batches in S3 -> MobileNetV2 embeddings (1280-d) -> StandardScaler + PCA -> validated Parquet.
+
+1. **plan**: check the params, find ready batches not in the ledger, claim them, decide the PCA model.
+2. **compute**: the `embed` then `pca` Spark steps, on a local Spark or on a transient EMR cluster.
+3. **validate** the outputs against the inputs, **commit** the ledger, **summarize**.
+
+The data contract and how to run it are in the README. Helpers live in `plugins/fruits/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
+from airflow.sdk.exceptions import AirflowSkipException
+
+from fruits import catalog as cat
+from fruits import commit as commit_mod
+from fruits import plan as planning
+from fruits import validate as validation
+from fruits.config import COMPUTE_BACKENDS, ENGINES, PCA_MODES, settings
+from fruits.layout import Layout
+from fruits.local_compute import run_local_step
+
+log = logging.getLogger("fruits.dag")
+S = settings()
+
+
+def _catalog() -> cat.Catalog:
+    s = settings()
+    return cat.Catalog(S3Hook(aws_conn_id=s.aws_conn_id), Layout(s.bucket))
+
+
+PARAMS = {
+    "batch_ids": Param([], type="array", items={"type": "string"},
+                       description="Batches to process (folder names under incoming/). Empty: every ready, "
+                                   "unprocessed batch."),
+    "force": Param(False, type="boolean",
+                   description="Reprocess the given batch_ids even if the ledger has them."),
+    "compute": Param(S.compute, enum=list(COMPUTE_BACKENDS),
+                     description="Where Spark runs: 'local' (this machine) or 'emr' (a transient cluster)."),
+    "engine": Param(S.engine, enum=list(ENGINES), description="Inference engine for MobileNetV2."),
+    "pca_mode": Param("variance", enum=list(PCA_MODES),
+                      description="'variance': smallest k reaching variance_target (capped by max_k); "
+                                  "'fixed': k = pca_k. Used when a model is fitted."),
+    "pca_k": Param(S.pca_k, type="integer", minimum=1, maximum=1280, description="k when pca_mode='fixed'."),
+    "variance_target": Param(S.pca_variance_target, type="number", exclusiveMinimum=0, maximum=1,
+                             description="Share of variance to keep when pca_mode='variance'."),
+    "max_k": Param(S.pca_max_k, type="integer", minimum=1, maximum=1280,
+                   description="Upper bound on k in variance mode."),
+    "refit": Param(False, type="boolean",
+                   description="Fit a new PCA model over every processed batch and re-transform them all."),
+    "region": Param(S.region, type="string", description="AWS region of the bucket and cluster (EU only)."),
+    "allow_non_eu_region": Param(False, type="boolean",
+                                 description="Override the GDPR guard. Only with a documented approval."),
+    "weights_uri": Param(S.weights_uri, type="string",
+                         description="MobileNetV2 ImageNet no-top weights (.h5) in S3, or 'imagenet'."),
+}
+
+
+@dag(
+    dag_id="fruits_embeddings",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    doc_md=__doc__,
+    tags=["fruits", "spark", "embeddings"],
+    default_args={"retries": 0},
+)
+def fruits_embeddings():
+    @task
+    def check_params() -> dict[str, Any]:
+        """Fail fast, before anything is created: every message says what to change."""
+        ctx = get_current_context()
+        params = planning.parse_params(ctx["params"], settings())
+        planning.preflight(_catalog(), params)
+        return {"params": ctx["params"], "started": datetime.now(UTC).isoformat()}
+
+    @task.short_circuit
+    def find_new_batches(checked: dict[str, Any]) -> list[str]:
+        """Stop here, with nothing created, when there is nothing new."""
+        params = planning.parse_params(checked["params"], settings())
+        batches = planning.select_batches(_catalog(), params)
+        log.info("batches to process: %s", batches or "none")
+        return batches
+
+    @setup
+    def claim_batches(batches: list[str]) -> list[str]:
+        """Lease each batch to this run, so two runs never process the same batch."""
+        ctx = get_current_context()
+        catalog = _catalog()
+        lease = datetime.fromtimestamp(settings().claim_lease_s, UTC) - datetime.fromtimestamp(0, UTC)
+        claimed = [b for b in batches if catalog.claim(b, ctx["run_id"], lease)]
+        if not claimed:
+            raise AirflowSkipException(f"every batch is claimed by another run: {batches}")
+        return claimed
+
+    @task
+    def plan_run(checked: dict[str, Any], claimed: list[str]) -> dict[str, Any]:
+        ctx = get_current_context()
+        params = planning.parse_params(checked["params"], settings())
+        plan = planning.build_plan(_catalog(), params, claimed, ctx["run_id"], settings())
+        plan["started"] = checked["started"]
+        log.info("plan: %s", json.dumps({k: plan[k] for k in ("batches", "files", "model_id", "pca")}))
+        return plan
+
+    @task
+    def embed(plan: dict[str, Any]) -> None:
+        run_local_step("embed", plan["embed_args"], settings(), log)
+
+    @task
+    def pca(plan: dict[str, Any]) -> None:
+        run_local_step("pca", plan["pca_args"], settings(), log)
+
+    @task
+    def validate(plan: dict[str, Any]) -> dict[str, Any]:
+        catalog = _catalog()
+        meta = catalog.pca_metadata(plan["pca"]["version"])
+        results = validation.validate_run(
+            catalog.hook, catalog.layout, plan["validate_files"], plan["model_id"], plan["pca"]["version"],
+            int(meta["k"]),
+        )
+        return {"results": results, "pca_meta": meta}
+
+    @task
+    def commit(plan: dict[str, Any], validated: dict[str, Any]) -> list[str]:
+        """Only validated batches reach the ledger."""
+        return commit_mod.commit(_catalog(), plan, validated["results"], validated["pca_meta"])
+
+    @task
+    def summarize(plan: dict[str, Any], validated: dict[str, Any], committed: list[str]) -> dict[str, Any]:
+        catalog = _catalog()
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(plan["started"])).total_seconds()
+        summary = commit_mod.summarize(plan, validated["results"], validated["pca_meta"], seconds)
+        key = f"{plan['run_prefix']}summary.json"
+        catalog.write_json(key, {**summary, "run_id": plan["run_id"], "ledger": committed})
+        log.info("summary (s3://%s/%s): %s", catalog.bucket, key, json.dumps(summary))
+        return summary
+
+    @teardown
+    def release_claims(claimed: list[str]) -> None:
+        """Runs whatever happened: a failed run hands its batches back at once."""
+        ctx = get_current_context()
+        catalog = _catalog()
+        for b in claimed:
+            catalog.release(b, ctx["run_id"])
+
+    checked = check_params()
+    batches = find_new_batches(checked)
+    claimed = claim_batches(batches)
+    plan = plan_run(checked, claimed)
+    embedded = embed(plan)
+    reduced = pca(plan)
+    validated = validate(plan)
+    committed = commit(plan, validated)
+    summary = summarize(plan, validated, committed)
+    embedded >> reduced >> validated
+    summary >> release_claims(claimed)
+
+
+fruits_embeddings()

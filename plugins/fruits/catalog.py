@@ -1,0 +1,162 @@
+"""What is in the bucket: ready batches, the ledger of processed batches, claims, the current PCA model.
+
+All S3 access goes through the amazon provider's S3Hook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
+
+from fruits.layout import READY_MARKER, Layout
+
+log = logging.getLogger(__name__)
+
+
+class CatalogError(RuntimeError):
+    """Bookkeeping in the bucket is unusable; the message says how to recover."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_hidden_relpath(rel: str) -> bool:
+    # Mirrors Spark's file index: names starting with '_' (unless they hold '=') or '.' are skipped.
+    return any((p.startswith("_") and "=" not in p) or p.startswith(".") for p in rel.split("/"))
+
+
+class Catalog:
+    def __init__(self, hook: S3Hook, layout: Layout) -> None:
+        self.hook, self.layout, self.bucket = hook, layout, layout.bucket
+
+    # --- generic JSON objects -------------------------------------------------------------------
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        if not self.hook.check_for_key(key, self.bucket):
+            return None
+        text = self.hook.read_key(key, self.bucket)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(
+                f"s3://{self.bucket}/{key} is not valid JSON ({exc}). It was not written by this pipeline "
+                "or was damaged. Restore it from S3 versioning, or delete it to let the pipeline rebuild it "
+                "(for a ledger record: the batch is then processed again)."
+            ) from None
+        if not isinstance(value, dict):
+            raise CatalogError(f"s3://{self.bucket}/{key} holds {type(value).__name__}, expected an object")
+        return value
+
+    def write_json(self, key: str, payload: dict[str, Any]) -> None:
+        self.hook.load_string(json.dumps(payload, indent=2, sort_keys=True), key, self.bucket, replace=True)
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def batch_ids(self) -> list[str]:
+        prefixes = self.hook.list_prefixes(self.bucket, prefix=self.layout.incoming, delimiter="/") or []
+        return sorted(p[len(self.layout.incoming) :].rstrip("/") for p in prefixes)
+
+    def is_ready(self, batch_id: str) -> bool:
+        return self.hook.check_for_key(self.layout.ready_key(batch_id), self.bucket)
+
+    def ready_batches(self) -> list[str]:
+        return [b for b in self.batch_ids() if self.is_ready(b)]
+
+    def count_input_files(self, batch_id: str) -> int:
+        """Files Spark will see in the batch: the marker, hidden names and folder markers excluded."""
+        prefix = self.layout.batch_prefix(batch_id)
+        keys = self.hook.list_keys(self.bucket, prefix=prefix) or []
+        return sum(
+            1 for k in keys
+            if not k.endswith("/") and not _is_hidden_relpath(k[len(prefix) :]) and k != prefix + READY_MARKER
+        )
+
+    # --- ledger -----------------------------------------------------------------------------------
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        for key in self.hook.list_keys(self.bucket, prefix=self.layout.ledger) or []:
+            if key.endswith(".json"):
+                record = self.read_json(key)
+                assert record is not None
+                records[key[len(self.layout.ledger) : -len(".json")]] = record
+        return records
+
+    def check_ledger_consistent(self, ledger: dict[str, dict[str, Any]]) -> None:
+        """An empty ledger beside existing outputs means the ledger was lost, not that nothing was done."""
+        if ledger:
+            return
+        if self.hook.list_keys(self.bucket, prefix=self.layout.embeddings, max_items=1):
+            raise CatalogError(
+                f"the ledger s3://{self.bucket}/{self.layout.ledger} is empty but embeddings exist under "
+                f"s3://{self.bucket}/{self.layout.embeddings}. Restore the ledger from S3 versioning; or, to "
+                "recompute every batch on purpose, trigger with params force=true and the batch_ids to redo."
+            )
+
+    def record_batch(self, batch_id: str, record: dict[str, Any]) -> None:
+        self.write_json(self.layout.ledger_key(batch_id), record)
+
+    # --- claims: a lease per batch, taken with a conditional write --------------------------------
+    def claim(self, batch_id: str, run_id: str, lease: timedelta) -> bool:
+        """Take the batch for this run. True if this run holds it; False if another live run does.
+
+        The claim is an object written with If-None-Match, so two runs can never both win; it expires,
+        so a run that died without releasing it blocks the batch for one lease at most."""
+        key = self.layout.claim_key(batch_id)
+        client = self.hook.get_conn()
+        body = json.dumps(
+            {"run_id": run_id, "claimed_at": _now().isoformat(), "expires_at": (_now() + lease).isoformat()}
+        )
+        for _ in range(2):
+            try:
+                client.put_object(Bucket=self.bucket, Key=key, Body=body.encode(), IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+                    raise
+            head = client.head_object(Bucket=self.bucket, Key=key)
+            current = self.read_json(key) or {}
+            if current.get("run_id") == run_id:
+                return True
+            expires = datetime.fromisoformat(current.get("expires_at", "1970-01-01T00:00:00+00:00"))
+            if expires > _now():
+                log.info("batch %s is claimed by run %s until %s", batch_id, current.get("run_id"), expires)
+                return False
+            log.warning("claim on %s by %s expired at %s: taking it over", batch_id, current.get("run_id"), expires)
+            try:  # replace only the exact expired claim we read
+                client.put_object(Bucket=self.bucket, Key=key, Body=body.encode(), IfMatch=head["ETag"])
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "NoSuchKey"):
+                    raise
+        return False
+
+    def release(self, batch_id: str, run_id: str) -> None:
+        key = self.layout.claim_key(batch_id)
+        current = self.read_json(key)
+        if current and current.get("run_id") == run_id:
+            self.hook.delete_objects(self.bucket, [key])
+
+    # --- PCA model pointer ------------------------------------------------------------------------
+    def current_pca(self) -> dict[str, Any] | None:
+        pointer = self.read_json(self.layout.pca_current)
+        if pointer is None:
+            return None
+        version = pointer.get("version")
+        meta_key = self.layout.pca_model_prefix(str(version)) + "metadata.json"
+        if not version or not self.hook.check_for_key(meta_key, self.bucket):
+            raise CatalogError(
+                f"s3://{self.bucket}/{self.layout.pca_current} names PCA version {version!r}, but "
+                f"s3://{self.bucket}/{meta_key} is missing. Restore that model, or trigger with refit=true "
+                "to fit a new model over every processed batch."
+            )
+        return pointer
+
+    def pca_metadata(self, version: str) -> dict[str, Any]:
+        meta = self.read_json(self.layout.pca_model_prefix(version) + "metadata.json")
+        if meta is None:
+            raise CatalogError(f"PCA model {version} has no metadata.json; the fit did not finish")
+        return meta

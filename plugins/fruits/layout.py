@@ -1,0 +1,70 @@
+"""The S3 data contract: every key the pipeline reads or writes is built here, and only here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+READY_MARKER = "_READY"
+
+
+def is_hidden(key_part: str) -> bool:
+    """Hadoop (and so Spark) skips names starting with '_' or '.': we count inputs the same way."""
+    return key_part.startswith(("_", "."))
+
+
+@dataclass(frozen=True)
+class Layout:
+    bucket: str
+
+    # inputs
+    incoming: str = "incoming/"
+
+    def batch_prefix(self, batch_id: str) -> str:
+        return f"{self.incoming}{batch_id}/"
+
+    def ready_key(self, batch_id: str) -> str:
+        return f"{self.batch_prefix(batch_id)}{READY_MARKER}"
+
+    # outputs (tables, partitioned by batch_id)
+    embeddings: str = "embeddings/"
+    rejects: str = "rejects/"
+    features: str = "features/"
+
+    def features_prefix(self, version: str) -> str:
+        return f"{self.features}pca_version={version}/"
+
+    def partition(self, table_prefix: str, batch_id: str) -> str:
+        return f"{table_prefix}batch_id={batch_id}/"
+
+    # models and reports
+    pca_models: str = "models/pca/"
+    pca_current: str = "models/pca/CURRENT.json"
+
+    def pca_model_prefix(self, version: str) -> str:
+        return f"{self.pca_models}{version}/"
+
+    # bookkeeping
+    ledger: str = "ledger/batches/"
+    claims: str = "ledger/claims/"
+    runs: str = "runs/"
+    artifacts: str = "artifacts/"
+    reports: str = "reports/"
+
+    def ledger_key(self, batch_id: str) -> str:
+        return f"{self.ledger}{batch_id}.json"
+
+    def claim_key(self, batch_id: str) -> str:
+        return f"{self.claims}{batch_id}.json"
+
+    def run_prefix(self, run_id: str) -> str:
+        return f"{self.runs}{safe_run_id(run_id)}/"
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids hold ':' and '+'; keep S3 keys and Spark paths plain."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)

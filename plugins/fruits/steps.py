@@ -1,0 +1,60 @@
+"""The two Spark steps' job arguments, built from the run plan. Shared by the local and EMR backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fruits.layout import Layout
+
+
+@dataclass(frozen=True)
+class PcaPlan:
+    version: str
+    fit: bool
+    fit_batches: tuple[str, ...]
+    transform_batches: tuple[str, ...]
+    mode: str  # "variance" | "fixed"
+    k: int | None
+    variance_target: float
+    max_k: int
+
+
+def embed_args(
+    layout: Layout, batches: list[str], weights_uri: str, engine: str, threads: int,
+    onnx_uri: str | None, run_prefix: str,
+) -> list[str]:
+    args = ["--input-root", layout.uri(layout.incoming.rstrip("/"))]
+    for b in batches:
+        args += ["--batch", b]
+    args += [
+        "--embeddings-out", layout.uri(layout.embeddings.rstrip("/")),
+        "--rejects-out", layout.uri(layout.rejects.rstrip("/")),
+        "--weights", weights_uri,
+        "--engine", engine,
+        "--threads-per-task", str(threads),
+        "--metrics-out", layout.uri(f"{run_prefix}embed.json"),
+    ]
+    if onnx_uri:
+        args += ["--onnx-model", onnx_uri]
+    return args
+
+
+def pca_args(layout: Layout, plan: PcaPlan, run_prefix: str) -> list[str]:
+    args = [
+        "--embeddings-root", layout.uri(layout.embeddings.rstrip("/")),
+        "--features-root", layout.uri(layout.features.rstrip("/")),
+        "--model-root", layout.uri(layout.pca_models.rstrip("/")),
+        "--version", plan.version,
+        "--metrics-out", layout.uri(f"{run_prefix}pca.json"),
+    ]
+    if plan.fit:
+        args.append("--fit")
+        for b in plan.fit_batches:
+            args += ["--fit-batch", b]
+    for b in plan.transform_batches:
+        args += ["--batch", b]
+    if plan.mode == "fixed":
+        args += ["--k", str(plan.k)]
+    else:
+        args += ["--variance-target", str(plan.variance_target), "--max-k", str(plan.max_k)]
+    return args

@@ -1,0 +1,223 @@
+"""Embed step: images of the given batches -> 1280-d MobileNetV2 embeddings, plus a rejects table.
+
+    spark-submit --py-files fruits_jobs.zip embed.py --input-root s3://BUCKET/incoming --batch B1 \
+        --embeddings-out s3://BUCKET/embeddings --rejects-out s3://BUCKET/rejects --weights s3://.../x.h5
+
+Runs the same way locally (s3a://) and on EMR (s3://). Imports nothing from Airflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark import SparkFiles, StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from fruits_jobs import imaging, sparkio
+from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, file_sha256, get_engine, model_id
+
+log = sparkio.get_logger("fruits.embed")
+
+EMBEDDINGS_SCHEMA = "batch_id, path, label, content_sha256, size_bytes, embedding, model_id, engine"
+UDF_SCHEMA = T.StructType(
+    [
+        T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False)),
+        T.StructField("error", T.StringType()),
+    ]
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-root", required=True, help="URI holding one folder per batch")
+    p.add_argument("--batch", action="append", required=True, dest="batches", help="batch id (repeat)")
+    p.add_argument("--embeddings-out", required=True)
+    p.add_argument("--rejects-out", required=True)
+    p.add_argument("--weights", required=True, help='Keras .h5 path or URI, or "imagenet"')
+    p.add_argument("--engine", choices=ENGINES, default="tf")
+    p.add_argument("--onnx-model", help="ONNX export of the same weights (engine=onnx)")
+    p.add_argument("--threads-per-task", type=int, default=1)
+    p.add_argument("--metrics-out", help="URI of a JSON file with counts and timings")
+    args = p.parse_args(argv)
+    if args.engine == "onnx" and not args.onnx_model:
+        p.error("--engine onnx needs --onnx-model")
+    if args.threads_per_task < 1:
+        p.error("--threads-per-task must be >= 1")
+    return args
+
+
+def localise(spark: SparkSession, uri: str) -> str:
+    """Ship a model file to every node once (SparkFiles); returns the name executors resolve it by."""
+    if uri == "imagenet":
+        return uri
+    spark.sparkContext.addFile(uri)
+    return os.path.basename(uri.rstrip("/"))
+
+
+def make_embed_udf(engine: str, model_file: str, threads: int, counter):
+    """The Iterator pandas UDF: the engine is fetched once per worker and reused for every Arrow batch."""
+
+    @F.pandas_udf(UDF_SCHEMA)
+    def embed(contents: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        model_path = model_file if model_file == "imagenet" else SparkFiles.get(model_file)
+        forward = get_engine(engine, model_path, threads)
+        for content in contents:
+            n = len(content)
+            errors: list[str | None] = [None] * n
+            pixels: list[np.ndarray] = []
+            ok_rows: list[int] = []
+            for i, data in enumerate(content):
+                try:
+                    pixels.append(imaging.decode_rgb224(data))
+                    ok_rows.append(i)
+                except imaging.RejectedImage as reject:
+                    errors[i] = str(reject)
+            vectors: list[np.ndarray | None] = [None] * n
+            if pixels:
+                out = forward(imaging.preprocess(np.stack(pixels)))
+                for row, vec in zip(ok_rows, out, strict=True):
+                    vectors[row] = vec.astype(np.float32, copy=False)
+            counter.add(n)
+            yield pd.DataFrame({"embedding": vectors, "error": errors})
+
+    return embed
+
+
+def classify(files: DataFrame, input_root: str) -> DataFrame:
+    """Derive batch_id, label and a pre-decode rejection reason from each file's path."""
+    root = input_root.rstrip("/") + "/"
+    rel = F.expr(f"substring(path, {len(root) + 1})")
+    parts = F.split(rel, "/")
+    depth = F.size(parts)
+    return (
+        files.withColumn("_rel", rel)
+        .withColumn("batch_id", parts.getItem(0))
+        .withColumn("label", F.when(depth >= 3, parts.getItem(1)))
+        .withColumn(
+            "reason",
+            F.when(depth < 3, F.lit("no label folder: file is at the batch root"))
+            .when(
+                ~F.lower(F.col("path")).rlike(r"\.(" + "|".join(e[1:] for e in imaging.IMAGE_EXTENSIONS) + ")$"),
+                F.lit("unsupported extension (accepted: " + ", ".join(imaging.IMAGE_EXTENSIONS) + ")"),
+            ),
+        )
+        .withColumn("path", F.regexp_replace("path", "^s3[an]?://", "s3://"))
+        .drop("_rel")
+    )
+
+
+class Progress(threading.Thread):
+    """Logs images done out of total, and the rate, while the job runs (shows in the Airflow task log)."""
+
+    def __init__(self, counter, total: int, every_s: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.counter, self.total, self.every_s = counter, total, every_s
+        self.started = time.monotonic()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            n = self.counter.value
+            rate = n / max(time.monotonic() - self.started, 1e-9)
+            log.info("progress: %d/%d images (%.0f%%), %.1f img/s", n, self.total, 100 * n / max(self.total, 1), rate)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    spark = SparkSession.builder.appName("fruits-embed").getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    started = time.monotonic()
+
+    model_file = localise(spark, args.weights)
+    weights_sha = "imagenet" if model_file == "imagenet" else file_sha256(SparkFiles.get(model_file))
+    mid = model_id(weights_sha if weights_sha != "imagenet" else "keras-imagenet")
+    engine_file = model_file if args.engine == "tf" else localise(spark, args.onnx_model)
+    log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, args.threads_per_task)
+
+    roots = [f"{args.input_root.rstrip('/')}/{b}/" for b in args.batches]
+    files = (
+        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(roots)
+        .select("path", F.col("length").alias("size_bytes"), "content")
+    )
+    files = classify(files, args.input_root)
+    total = files.count()  # a listing only: the content column is pruned
+    log.info("%d files in %d batch(es), %d partition(s)", total, len(args.batches), files.rdd.getNumPartitions())
+
+    counter = spark.sparkContext.accumulator(0)
+    udf = make_embed_udf(args.engine, engine_file, args.threads_per_task, counter)
+    result = (
+        files.withColumn("content_sha256", F.sha2("content", 256))
+        .withColumn("r", F.when(F.col("reason").isNull(), udf(F.col("content"))))
+        .select(
+            "batch_id", "path", "label", "content_sha256", "size_bytes",
+            F.col("r.embedding").alias("embedding"),
+            F.coalesce("reason", "r.error").alias("reason"),
+        )
+    )
+    # Computed once: both outputs are written from this cache, never by re-running the model.
+    result = result.persist(StorageLevel.MEMORY_AND_DISK)
+    progress = Progress(counter, total)
+    progress.start()
+    try:
+        result.count()
+    finally:
+        progress.done.set()
+    embed_s = time.monotonic() - started
+
+    embeddings = result.where(F.col("reason").isNull()).select(
+        "batch_id", "path", "label", "content_sha256", "size_bytes", "embedding",
+        F.lit(mid).alias("model_id"), F.lit(args.engine).alias("engine"),
+    )
+    rejects = result.where(F.col("reason").isNotNull()).select(
+        "batch_id", "path", "label", "content_sha256", "size_bytes", "reason"
+    )
+    embeddings.write.mode("overwrite").partitionBy("batch_id").parquet(args.embeddings_out)
+    rejects.write.mode("overwrite").partitionBy("batch_id").parquet(args.rejects_out)
+
+    per_batch = {
+        r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
+        for r in result.groupBy("batch_id").agg(
+            F.count("*").alias("files"),
+            F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
+            F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
+        ).collect()
+    }
+    for table, key in ((args.embeddings_out, "embedded"), (args.rejects_out, "rejected")):
+        written = {b for b, c in per_batch.items() if c[key] > 0}
+        sparkio.remove_partitions_not_written(spark, table, args.batches, written)
+    result.unpersist()
+
+    seconds = time.monotonic() - started
+    embedded = sum(c["embedded"] for c in per_batch.values())
+    metrics = {
+        "step": "embed",
+        "model_id": mid,
+        "engine": args.engine,
+        "embedding_dim": EMBEDDING_DIM,
+        "batches": per_batch,
+        "files": total,
+        "embedded": embedded,
+        "rejected": total - embedded,
+        "seconds": round(seconds, 3),
+        "embed_seconds": round(embed_s, 3),
+        "images_per_s": round(total / seconds, 2) if seconds else None,
+    }
+    log.info("done: %d files, %d embedded, %d rejected in %.1f s", total, embedded, total - embedded, seconds)
+    if args.metrics_out:
+        sparkio.write_json(spark, args.metrics_out, metrics)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Small Spark-side I/O helpers that go through Hadoop's FileSystem, so they work on s3a:// locally
+and on s3:// (EMRFS) on EMR without any AWS client in the job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from pyspark.sql import SparkSession
+
+
+def get_logger(name: str) -> logging.Logger:
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return logging.getLogger(name)
+
+
+def _fs_and_path(spark: SparkSession, uri: str):
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
+
+
+def exists(spark: SparkSession, uri: str) -> bool:
+    fs, path = _fs_and_path(spark, uri)
+    return bool(fs.exists(path))
+
+
+def delete(spark: SparkSession, uri: str) -> None:
+    fs, path = _fs_and_path(spark, uri)
+    if fs.exists(path):
+        fs.delete(path, True)
+
+
+def write_text(spark: SparkSession, uri: str, text: str) -> None:
+    fs, path = _fs_and_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
+    fs, path = _fs_and_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(data))
+    finally:
+        stream.close()
+
+
+def read_text(spark: SparkSession, uri: str) -> str:
+    return "\n".join(spark.sparkContext.textFile(uri, 1).collect())
+
+
+def write_json(spark: SparkSession, uri: str, payload: dict) -> None:
+    write_text(spark, uri, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def remove_partitions_not_written(
+    spark: SparkSession, table_uri: str, batches: list[str], written: set[str]
+) -> None:
+    """Dynamic partition overwrite only replaces partitions it writes: a re-run that now produces no row
+    for a batch (say, no rejects this time) must still drop that batch's stale partition."""
+    for batch in batches:
+        if batch not in written:
+            delete(spark, f"{table_uri.rstrip('/')}/batch_id={batch}")
