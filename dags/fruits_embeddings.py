@@ -20,7 +20,6 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
 from airflow.sdk.exceptions import AirflowSkipException
-
 from fruits import catalog as cat
 from fruits import commit as commit_mod
 from fruits import plan as planning
@@ -39,29 +38,53 @@ def _catalog() -> cat.Catalog:
 
 
 PARAMS = {
-    "batch_ids": Param([], type="array", items={"type": "string"},
-                       description="Batches to process (folder names under incoming/). Empty: every ready, "
-                                   "unprocessed batch."),
-    "force": Param(False, type="boolean",
-                   description="Reprocess the given batch_ids even if the ledger has them."),
-    "compute": Param(S.compute, enum=list(COMPUTE_BACKENDS),
-                     description="Where Spark runs: 'local' (this machine) or 'emr' (a transient cluster)."),
+    "batch_ids": Param(
+        [],
+        type="array",
+        items={"type": "string"},
+        description="Batches to process (folder names under incoming/). Empty: every ready, "
+        "unprocessed batch.",
+    ),
+    "force": Param(
+        False, type="boolean", description="Reprocess the given batch_ids even if the ledger has them."
+    ),
+    "compute": Param(
+        S.compute,
+        enum=list(COMPUTE_BACKENDS),
+        description="Where Spark runs: 'local' (this machine) or 'emr' (a transient cluster).",
+    ),
     "engine": Param(S.engine, enum=list(ENGINES), description="Inference engine for MobileNetV2."),
-    "pca_mode": Param("variance", enum=list(PCA_MODES),
-                      description="'variance': smallest k reaching variance_target (capped by max_k); "
-                                  "'fixed': k = pca_k. Used when a model is fitted."),
+    "pca_mode": Param(
+        "variance",
+        enum=list(PCA_MODES),
+        description="'variance': smallest k reaching variance_target (capped by max_k); "
+        "'fixed': k = pca_k. Used when a model is fitted.",
+    ),
     "pca_k": Param(S.pca_k, type="integer", minimum=1, maximum=1280, description="k when pca_mode='fixed'."),
-    "variance_target": Param(S.pca_variance_target, type="number", exclusiveMinimum=0, maximum=1,
-                             description="Share of variance to keep when pca_mode='variance'."),
-    "max_k": Param(S.pca_max_k, type="integer", minimum=1, maximum=1280,
-                   description="Upper bound on k in variance mode."),
-    "refit": Param(False, type="boolean",
-                   description="Fit a new PCA model over every processed batch and re-transform them all."),
+    "variance_target": Param(
+        S.pca_variance_target,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1,
+        description="Share of variance to keep when pca_mode='variance'.",
+    ),
+    "max_k": Param(
+        S.pca_max_k, type="integer", minimum=1, maximum=1280, description="Upper bound on k in variance mode."
+    ),
+    "refit": Param(
+        False,
+        type="boolean",
+        description="Fit a new PCA model over every processed batch and re-transform them all.",
+    ),
     "region": Param(S.region, type="string", description="AWS region of the bucket and cluster (EU only)."),
-    "allow_non_eu_region": Param(False, type="boolean",
-                                 description="Override the GDPR guard. Only with a documented approval."),
-    "weights_uri": Param(S.weights_uri, type="string",
-                         description="MobileNetV2 ImageNet no-top weights (.h5) in S3, or 'imagenet'."),
+    "allow_non_eu_region": Param(
+        False, type="boolean", description="Override the GDPR guard. Only with a documented approval."
+    ),
+    "weights_uri": Param(
+        S.weights_uri,
+        type="string",
+        description="MobileNetV2 ImageNet no-top weights (.h5) in S3, or 'imagenet'.",
+    ),
 }
 
 
@@ -126,7 +149,11 @@ def fruits_embeddings():
         catalog = _catalog()
         meta = catalog.pca_metadata(plan["pca"]["version"])
         results = validation.validate_run(
-            catalog.hook, catalog.layout, plan["validate_files"], plan["model_id"], plan["pca"]["version"],
+            catalog.hook,
+            catalog.layout,
+            plan["validate_files"],
+            plan["model_id"],
+            plan["pca"]["version"],
             int(meta["k"]),
         )
         return {"results": results, "pca_meta": meta}

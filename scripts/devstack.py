@@ -56,7 +56,9 @@ def s3_start(pidfile: Path = CACHE / "moto.pid") -> bool:
     log = open(CACHE / "moto.log", "ab")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", port],
-        stdout=log, stderr=log, start_new_session=True,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     pidfile.write_text(str(proc.pid))
     for _ in range(100):
@@ -112,7 +114,12 @@ def upload_batch(bucket: str, data: Path, batch_id: str, ready: bool = True) -> 
     h = hook()
     prefix = f"incoming/{batch_id}/"
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda p: h.load_file(str(p), prefix + p.relative_to(data).as_posix(), bucket, replace=True), files))
+        list(
+            pool.map(
+                lambda p: h.load_file(str(p), prefix + p.relative_to(data).as_posix(), bucket, replace=True),
+                files,
+            )
+        )
     if ready:
         h.load_string("", prefix + "_READY", bucket, replace=True)
     say(f"uploaded {len(files)} files from {data} as batch {batch_id!r}" + (" (+ _READY)" if ready else ""))
@@ -146,25 +153,45 @@ def demo(data: Path, batch_id: str | None) -> None:
         conf = json.dumps({"batch_ids": [batch]})
         logfile = CACHE / "demo-dag.log"
         with open(logfile, "w") as out:
-            code = subprocess.call([airflow, "dags", "test", "fruits_embeddings", "-c", conf],
-                                   stdout=out, stderr=subprocess.STDOUT)
+            code = subprocess.call(
+                [airflow, "dags", "test", "fruits_embeddings", "-c", conf],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         for line in logfile.read_text(errors="replace").splitlines():
             if "progress:" in line or "done:" in line or "fitted PCA" in line or "Marking task as" in line:
                 print("   " + line.split("]", 1)[-1].strip()[:160])
         if code != 0:
             raise SystemExit(f"DAG run failed (exit {code}); full log: {logfile}")
         summary = latest_summary(bucket)
-        summary = {k: summary[k] for k in ("batches", "images", "embedded", "rejected", "embedding_dim",
-                                           "pca_components", "explained_variance", "seconds")}
+        summary = {
+            k: summary[k]
+            for k in (
+                "batches",
+                "images",
+                "embedded",
+                "rejected",
+                "embedding_dim",
+                "pca_components",
+                "explained_variance",
+                "seconds",
+            )
+        }
         summary["seconds"] = round(time.monotonic() - t0, 1)
         print()
-        print(f"Processed {summary['batches']} batch(es): {summary['images']} images, "
-              f"{summary['embedded']} embedded ({summary['embedding_dim']}-d MobileNetV2), "
-              f"{summary['rejected']} rejected.")
-        print(f"PCA kept {summary['pca_components']} components explaining "
-              f"{summary['explained_variance']:.1%} of the variance. Took {summary['seconds']} s.")
-        print(f"Outputs: s3://{bucket}/embeddings/, rejects/, features/, models/pca/, ledger/ "
-              f"(endpoint {s3_endpoint()}); full DAG log: {logfile}")
+        print(
+            f"Processed {summary['batches']} batch(es): {summary['images']} images, "
+            f"{summary['embedded']} embedded ({summary['embedding_dim']}-d MobileNetV2), "
+            f"{summary['rejected']} rejected."
+        )
+        print(
+            f"PCA kept {summary['pca_components']} components explaining "
+            f"{summary['explained_variance']:.1%} of the variance. Took {summary['seconds']} s."
+        )
+        print(
+            f"Outputs: s3://{bucket}/embeddings/, rejects/, features/, models/pca/, ledger/ "
+            f"(endpoint {s3_endpoint()}); full DAG log: {logfile}"
+        )
         print(json.dumps(summary))
     finally:
         if started_s3:

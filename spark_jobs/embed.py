@@ -17,13 +17,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
+from fruits_jobs import imaging, sparkio
+from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, file_sha256, get_engine, model_id
 from pyspark import SparkFiles, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-
-from fruits_jobs import imaging, sparkio
-from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, file_sha256, get_engine, model_id
 
 log = sparkio.get_logger("fruits.embed")
 
@@ -104,9 +103,10 @@ def classify(files: DataFrame, input_root: str) -> DataFrame:
         .withColumn("label", F.when(depth >= 3, parts.getItem(1)))
         .withColumn(
             "reason",
-            F.when(depth < 3, F.lit("no label folder: file is at the batch root"))
-            .when(
-                ~F.lower(F.col("path")).rlike(r"\.(" + "|".join(e[1:] for e in imaging.IMAGE_EXTENSIONS) + ")$"),
+            F.when(depth < 3, F.lit("no label folder: file is at the batch root")).when(
+                ~F.lower(F.col("path")).rlike(
+                    r"\.(" + "|".join(e[1:] for e in imaging.IMAGE_EXTENSIONS) + ")$"
+                ),
                 F.lit("unsupported extension (accepted: " + ", ".join(imaging.IMAGE_EXTENSIONS) + ")"),
             ),
         )
@@ -128,7 +128,13 @@ class Progress(threading.Thread):
         while not self.done.wait(self.every_s):
             n = self.counter.value
             rate = n / max(time.monotonic() - self.started, 1e-9)
-            log.info("progress: %d/%d images (%.0f%%), %.1f img/s", n, self.total, 100 * n / max(self.total, 1), rate)
+            log.info(
+                "progress: %d/%d images (%.0f%%), %.1f img/s",
+                n,
+                self.total,
+                100 * n / max(self.total, 1),
+                rate,
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -146,12 +152,16 @@ def main(argv: list[str]) -> int:
 
     roots = [f"{args.input_root.rstrip('/')}/{b}/" for b in args.batches]
     files = (
-        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(roots)
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(roots)
         .select("path", F.col("length").alias("size_bytes"), "content")
     )
     files = classify(files, args.input_root)
     total = files.count()  # a listing only: the content column is pruned
-    log.info("%d files in %d batch(es), %d partition(s)", total, len(args.batches), files.rdd.getNumPartitions())
+    log.info(
+        "%d files in %d batch(es), %d partition(s)", total, len(args.batches), files.rdd.getNumPartitions()
+    )
 
     counter = spark.sparkContext.accumulator(0)
     udf = make_embed_udf(args.engine, engine_file, args.threads_per_task, counter)
@@ -159,7 +169,11 @@ def main(argv: list[str]) -> int:
         files.withColumn("content_sha256", F.sha2("content", 256))
         .withColumn("r", F.when(F.col("reason").isNull(), udf(F.col("content"))))
         .select(
-            "batch_id", "path", "label", "content_sha256", "size_bytes",
+            "batch_id",
+            "path",
+            "label",
+            "content_sha256",
+            "size_bytes",
             F.col("r.embedding").alias("embedding"),
             F.coalesce("reason", "r.error").alias("reason"),
         )
@@ -175,8 +189,14 @@ def main(argv: list[str]) -> int:
     embed_s = time.monotonic() - started
 
     embeddings = result.where(F.col("reason").isNull()).select(
-        "batch_id", "path", "label", "content_sha256", "size_bytes", "embedding",
-        F.lit(mid).alias("model_id"), F.lit(args.engine).alias("engine"),
+        "batch_id",
+        "path",
+        "label",
+        "content_sha256",
+        "size_bytes",
+        "embedding",
+        F.lit(mid).alias("model_id"),
+        F.lit(args.engine).alias("engine"),
     )
     rejects = result.where(F.col("reason").isNotNull()).select(
         "batch_id", "path", "label", "content_sha256", "size_bytes", "reason"
@@ -186,11 +206,13 @@ def main(argv: list[str]) -> int:
 
     per_batch = {
         r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
-        for r in result.groupBy("batch_id").agg(
+        for r in result.groupBy("batch_id")
+        .agg(
             F.count("*").alias("files"),
             F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
             F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
-        ).collect()
+        )
+        .collect()
     }
     for table, key in ((args.embeddings_out, "embedded"), (args.rejects_out, "rejected")):
         written = {b for b, c in per_batch.items() if c[key] > 0}

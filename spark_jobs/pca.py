@@ -18,14 +18,13 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from fruits_jobs import sparkio
+from fruits_jobs.engine import EMBEDDING_DIM
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import PCA, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-
-from fruits_jobs import sparkio
-from fruits_jobs.engine import EMBEDDING_DIM
 
 log = sparkio.get_logger("fruits.pca")
 
@@ -63,10 +62,7 @@ def read_embeddings(spark: SparkSession, root: str, batches: list[str]) -> DataF
     missing = [p for p in paths if not sparkio.exists(spark, p)]
     if missing:
         raise SystemExit(f"pca: no embeddings at {missing}; run the embed step for these batches first")
-    return (
-        spark.read.option("basePath", root).parquet(*paths)
-        .withColumn("vec", array_to_vector("embedding"))
-    )
+    return spark.read.option("basePath", root).parquet(*paths).withColumn("vec", array_to_vector("embedding"))
 
 
 def choose_k(cumulative: list[float], k: int | None, target: float) -> int:
@@ -134,7 +130,7 @@ def fit(spark: SparkSession, args: argparse.Namespace) -> dict:
         "version": args.version,
         "k": k,
         "k_fitted": k_fit,
-        "mode": "fixed_k" if args.k is not None else "variance_target",
+        "mode": "fixed" if args.k is not None else "variance",
         "variance_target": target,
         "target_reached": target is None or cumulative[k - 1] >= target - 1e-12,
         "explained_variance": explained,
@@ -172,7 +168,10 @@ def main(argv: list[str]) -> int:
 
     embeddings = read_embeddings(spark, args.embeddings_root, args.batches)
     features = model.transform(embeddings).select(
-        "batch_id", "path", "label", "content_sha256",
+        "batch_id",
+        "path",
+        "label",
+        "content_sha256",
         F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
         F.lit(args.version).alias("pca_version"),
         "model_id",

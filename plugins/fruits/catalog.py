@@ -71,7 +71,8 @@ class Catalog:
         prefix = self.layout.batch_prefix(batch_id)
         keys = self.hook.list_keys(self.bucket, prefix=prefix) or []
         return sum(
-            1 for k in keys
+            1
+            for k in keys
             if not k.endswith("/") and not _is_hidden_relpath(k[len(prefix) :]) and k != prefix + READY_MARKER
         )
 
@@ -125,12 +126,18 @@ class Catalog:
             if expires > _now():
                 log.info("batch %s is claimed by run %s until %s", batch_id, current.get("run_id"), expires)
                 return False
-            log.warning("claim on %s by %s expired at %s: taking it over", batch_id, current.get("run_id"), expires)
+            log.warning(
+                "claim on %s by %s expired at %s: taking it over", batch_id, current.get("run_id"), expires
+            )
             try:  # replace only the exact expired claim we read
                 client.put_object(Bucket=self.bucket, Key=key, Body=body.encode(), IfMatch=head["ETag"])
                 return True
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "NoSuchKey"):
+                if exc.response.get("Error", {}).get("Code") not in (
+                    "PreconditionFailed",
+                    "412",
+                    "NoSuchKey",
+                ):
                     raise
         return False
 

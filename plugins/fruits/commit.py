@@ -10,8 +10,9 @@ from fruits.catalog import Catalog
 EMBEDDING_DIM = 1280
 
 
-def commit(catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, Any]],
-           pca_meta: dict[str, Any]) -> list[str]:
+def commit(
+    catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any]
+) -> list[str]:
     """Point at the new PCA model first, then write one ledger record per batch.
 
     In this order a crash in between leaves batches unrecorded (they are redone, idempotently), never
@@ -19,9 +20,15 @@ def commit(catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, 
     layout, pca = catalog.layout, plan["pca"]
     now = datetime.now(UTC).isoformat(timespec="seconds")
     if pca["fit"]:
-        catalog.write_json(layout.pca_current, {
-            "version": pca["version"], "k": pca_meta["k"], "set_at": now, "run_id": plan["run_id"],
-        })
+        catalog.write_json(
+            layout.pca_current,
+            {
+                "version": pca["version"],
+                "k": pca_meta["k"],
+                "set_at": now,
+                "run_id": plan["run_id"],
+            },
+        )
     ledger = catalog.ledger()
     written = []
     for batch_id, r in sorted(results.items()):
@@ -49,8 +56,9 @@ def commit(catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, 
     return written
 
 
-def summarize(plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any],
-              seconds: float) -> dict[str, Any]:
+def summarize(
+    plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any], seconds: float
+) -> dict[str, Any]:
     new = [results[b] for b in plan["batches"]]
     return {
         "batches": len(new),

@@ -13,8 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Regions inside the EU/EEA: GDPR keeps the photos, the embeddings and the cluster here.
 EU_REGIONS = frozenset(
     {
-        "eu-west-1", "eu-west-2", "eu-west-3", "eu-central-1", "eu-central-2",
-        "eu-north-1", "eu-south-1", "eu-south-2",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "eu-central-1",
+        "eu-central-2",
+        "eu-north-1",
+        "eu-south-1",
+        "eu-south-2",
     }
 )
 COMPUTE_BACKENDS = ("local", "emr")
@@ -45,7 +51,9 @@ class Settings:
         default_factory=lambda: Path(_env("FRUITS_SPARK_JARS_DIR", str(REPO_ROOT / ".cache" / "jars")))
     )
     spark_python: str = field(default_factory=lambda: _env("FRUITS_SPARK_PYTHON", sys.executable))
-    jobs_dir: Path = field(default_factory=lambda: Path(_env("FRUITS_JOBS_DIR", str(REPO_ROOT / "spark_jobs"))))
+    jobs_dir: Path = field(
+        default_factory=lambda: Path(_env("FRUITS_JOBS_DIR", str(REPO_ROOT / "spark_jobs")))
+    )
     work_dir: Path = field(
         default_factory=lambda: Path(_env("FRUITS_WORK_DIR", str(REPO_ROOT / ".cache" / "work")))
     )

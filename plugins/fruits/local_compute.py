@@ -53,7 +53,11 @@ def run_local_step(step: str, job_args: Sequence[str], s: Settings, logger: logg
     bundle = local_bundle(s.jobs_dir, s.work_dir)
     spark_submit = str(Path(s.spark_python).parent / "spark-submit")
     argv = spark_submit_argv(
-        step, s3_to_s3a(job_args), bundle, {**tuning.conf(), **s3a_conf},
-        master=tuning.master, spark_submit=spark_submit,
+        step,
+        s3_to_s3a(job_args),
+        bundle,
+        {**tuning.conf(), **s3a_conf},
+        master=tuning.master,
+        spark_submit=spark_submit,
     )
     run_spark_submit(argv, env, logger)

@@ -69,7 +69,9 @@ def parse_params(raw: Mapping[str, Any], s: Settings) -> RunParams:
     if p.engine not in ENGINES:
         errors.append(f"engine={p.engine!r} is unknown; use one of {', '.join(ENGINES)}")
     if p.pca_mode not in PCA_MODES:
-        errors.append(f"pca_mode={p.pca_mode!r} is unknown; use 'variance' (k from variance_target) or 'fixed'")
+        errors.append(
+            f"pca_mode={p.pca_mode!r} is unknown; use 'variance' (k from variance_target) or 'fixed'"
+        )
     if not 1 <= p.pca_k <= EMBEDDING_DIM:
         errors.append(
             f"pca_k={p.pca_k} is outside [1, {EMBEDDING_DIM}]: PCA cannot keep more components than the "
@@ -84,7 +86,9 @@ def parse_params(raw: Mapping[str, Any], s: Settings) -> RunParams:
         errors.append(f"max_k={p.max_k} is outside [1, {EMBEDDING_DIM}]")
     bad_ids = [b for b in p.batch_ids if not BATCH_ID_RE.match(b)]
     if bad_ids:
-        errors.append(f"batch_ids {bad_ids} are not valid batch folder names (letters, digits, '.', '_', '-')")
+        errors.append(
+            f"batch_ids {bad_ids} are not valid batch folder names (letters, digits, '.', '_', '-')"
+        )
     if p.region not in EU_REGIONS and not p.allow_non_eu_region:
         errors.append(
             f"region={p.region!r} is outside the EU. Fruits! keeps photos and embeddings in the EU (GDPR), so "
@@ -168,12 +172,28 @@ def build_plan(
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         version = f"pca-{stamp}-{hashlib.sha256(run_id.encode()).hexdigest()[:6]}"
         everything = sorted(set(ledger) | set(batches))
-        pca = PcaPlan(version, True, tuple(everything), tuple(everything), p.pca_mode,
-                      p.pca_k if p.pca_mode == "fixed" else None, p.variance_target, p.max_k)
+        pca = PcaPlan(
+            version,
+            True,
+            tuple(everything),
+            tuple(everything),
+            p.pca_mode,
+            p.pca_k if p.pca_mode == "fixed" else None,
+            p.variance_target,
+            p.max_k,
+        )
     else:
         assert current is not None
-        pca = PcaPlan(str(current["version"]), False, (), tuple(sorted(batches)), p.pca_mode,
-                      None, p.variance_target, p.max_k)
+        pca = PcaPlan(
+            str(current["version"]),
+            False,
+            (),
+            tuple(sorted(batches)),
+            p.pca_mode,
+            None,
+            p.variance_target,
+            p.max_k,
+        )
     run_prefix = layout.run_prefix(run_id)
     sha = weights_sha256(catalog, p.weights_uri)
     onnx_uri = None  # set by the staging step when engine=onnx
@@ -185,12 +205,15 @@ def build_plan(
         "files": {b: catalog.count_input_files(b) for b in sorted(batches)},
         # Batches whose outputs this run (re)writes and must validate: the new ones, plus all on a refit.
         "validate_files": {
-            b: (ledger[b]["files"] if b in ledger and b not in batches else None) for b in pca.transform_batches
+            b: (ledger[b]["files"] if b in ledger and b not in batches else None)
+            for b in pca.transform_batches
         },
         "weights_sha256": sha,
         "model_id": model_id_for(sha),
         "pca": asdict(pca),
-        "embed_args": embed_args(layout, sorted(batches), p.weights_uri, p.engine, threads, onnx_uri, run_prefix),
+        "embed_args": embed_args(
+            layout, sorted(batches), p.weights_uri, p.engine, threads, onnx_uri, run_prefix
+        ),
         "pca_args": pca_args(layout, pca, run_prefix),
         "started_at": datetime.now(UTC).isoformat(),
     }

@@ -90,8 +90,12 @@ def run_spark_submit(argv: Sequence[str], env: Mapping[str, str], logger: loggin
     logger.info("spark-submit: %s", " ".join(a for a in argv if "secret" not in a.lower()))
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
-        list(argv), env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace",
+        list(argv),
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

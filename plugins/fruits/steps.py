@@ -20,19 +20,30 @@ class PcaPlan:
 
 
 def embed_args(
-    layout: Layout, batches: list[str], weights_uri: str, engine: str, threads: int,
-    onnx_uri: str | None, run_prefix: str,
+    layout: Layout,
+    batches: list[str],
+    weights_uri: str,
+    engine: str,
+    threads: int,
+    onnx_uri: str | None,
+    run_prefix: str,
 ) -> list[str]:
     args = ["--input-root", layout.uri(layout.incoming.rstrip("/"))]
     for b in batches:
         args += ["--batch", b]
     args += [
-        "--embeddings-out", layout.uri(layout.embeddings.rstrip("/")),
-        "--rejects-out", layout.uri(layout.rejects.rstrip("/")),
-        "--weights", weights_uri,
-        "--engine", engine,
-        "--threads-per-task", str(threads),
-        "--metrics-out", layout.uri(f"{run_prefix}embed.json"),
+        "--embeddings-out",
+        layout.uri(layout.embeddings.rstrip("/")),
+        "--rejects-out",
+        layout.uri(layout.rejects.rstrip("/")),
+        "--weights",
+        weights_uri,
+        "--engine",
+        engine,
+        "--threads-per-task",
+        str(threads),
+        "--metrics-out",
+        layout.uri(f"{run_prefix}embed.json"),
     ]
     if onnx_uri:
         args += ["--onnx-model", onnx_uri]
@@ -41,11 +52,16 @@ def embed_args(
 
 def pca_args(layout: Layout, plan: PcaPlan, run_prefix: str) -> list[str]:
     args = [
-        "--embeddings-root", layout.uri(layout.embeddings.rstrip("/")),
-        "--features-root", layout.uri(layout.features.rstrip("/")),
-        "--model-root", layout.uri(layout.pca_models.rstrip("/")),
-        "--version", plan.version,
-        "--metrics-out", layout.uri(f"{run_prefix}pca.json"),
+        "--embeddings-root",
+        layout.uri(layout.embeddings.rstrip("/")),
+        "--features-root",
+        layout.uri(layout.features.rstrip("/")),
+        "--model-root",
+        layout.uri(layout.pca_models.rstrip("/")),
+        "--version",
+        plan.version,
+        "--metrics-out",
+        layout.uri(f"{run_prefix}pca.json"),
     ]
     if plan.fit:
         args.append("--fit")

@@ -21,16 +21,28 @@ from fruits.layout import Layout
 EMBEDDING_DIM = 1280
 EXPECTED_COLUMNS = {
     "embeddings": {
-        "path": pa.string(), "label": pa.string(), "content_sha256": pa.string(), "size_bytes": pa.int64(),
-        "embedding": pa.list_(pa.float32()), "model_id": pa.string(), "engine": pa.string(),
+        "path": pa.string(),
+        "label": pa.string(),
+        "content_sha256": pa.string(),
+        "size_bytes": pa.int64(),
+        "embedding": pa.list_(pa.float32()),
+        "model_id": pa.string(),
+        "engine": pa.string(),
     },
     "rejects": {
-        "path": pa.string(), "label": pa.string(), "content_sha256": pa.string(), "size_bytes": pa.int64(),
+        "path": pa.string(),
+        "label": pa.string(),
+        "content_sha256": pa.string(),
+        "size_bytes": pa.int64(),
         "reason": pa.string(),
     },
     "features": {
-        "path": pa.string(), "label": pa.string(), "content_sha256": pa.string(),
-        "features": pa.list_(pa.float32()), "pca_version": pa.string(), "model_id": pa.string(),
+        "path": pa.string(),
+        "label": pa.string(),
+        "content_sha256": pa.string(),
+        "features": pa.list_(pa.float32()),
+        "pca_version": pa.string(),
+        "model_id": pa.string(),
     },
 }
 
@@ -113,7 +125,9 @@ def validate_batch(
             counts = Counter(paths)
             dupes = {p for p, c in counts.items() if c > 1} | seen_paths.intersection(counts)
             if dupes:
-                res.problems.append(f"{key}: {len(dupes)} path(s) appear more than once, e.g. {sorted(dupes)[:3]}")
+                res.problems.append(
+                    f"{key}: {len(dupes)} path(s) appear more than once, e.g. {sorted(dupes)[:3]}"
+                )
             seen_paths.update(paths)
             if kind == "embeddings":
                 res.embedded += table.num_rows
@@ -132,7 +146,9 @@ def validate_batch(
             f"but the batch holds {files} input file(s)"
         )
     feature_paths: set[str] = set()
-    for key, table in iter_parquet(hook, layout.bucket, layout.partition(layout.features_prefix(pca_version), batch_id)):
+    for key, table in iter_parquet(
+        hook, layout.bucket, layout.partition(layout.features_prefix(pca_version), batch_id)
+    ):
         res.problems += _schema_problems(table, "features", key)
         if res.problems:
             continue
@@ -151,11 +167,13 @@ def validate_run(
     hook: S3Hook, layout: Layout, files_per_batch: dict[str, int], model_id: str, pca_version: str, k: int
 ) -> dict[str, dict[str, Any]]:
     results = {
-        b: validate_batch(hook, layout, b, n, model_id, pca_version, k) for b, n in sorted(files_per_batch.items())
+        b: validate_batch(hook, layout, b, n, model_id, pca_version, k)
+        for b, n in sorted(files_per_batch.items())
     }
     problems = [f"[{b}] {p}" for b, r in results.items() for p in r.problems]
     if problems:
         raise ValidationFailed(
-            f"{len(problems)} validation problem(s); nothing was recorded in the ledger:\n" + "\n".join(problems)
+            f"{len(problems)} validation problem(s); nothing was recorded in the ledger:\n"
+            + "\n".join(problems)
         )
     return {b: asdict(r) for b, r in results.items()}

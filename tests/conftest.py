@@ -1,0 +1,212 @@
+"""Shared fixtures. Everything here is real: a moto S3 server process on localhost, an Airflow metadata
+database (SQLite, migrated), the real DAG run with dag.test(), and spark-submit on a local Spark.
+
+Environment is set at import time, before Airflow is imported anywhere, because Airflow reads its
+configuration once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE = SHARED / "data" / "fruits360-sample"
+WEIGHTS = SHARED / "models" / "mobilenet_v2" / "mobilenet_v2_1.0_224_no_top.h5"
+BUCKET = "fruits-test"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+_HOME = Path(tempfile.mkdtemp(prefix="fruits-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_HOME),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "test",
+                "password": "test",
+                "extra": {"endpoint_url": ENDPOINT, "region_name": "eu-west-3"},
+            }
+        ),
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "eu-west-3",
+        "FRUITS_BUCKET": BUCKET,
+        "FRUITS_WORK_DIR": str(_HOME / "work"),
+        "FRUITS_SPARK_MASTER": "local[2]",
+        "FRUITS_SPARK_JARS_DIR": os.environ.get("FRUITS_SPARK_JARS_DIR", str(REPO / ".cache" / "jars")),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
+)
+for p in (REPO / "plugins", REPO / "spark_jobs", REPO / "dags"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real moto S3/EMR server process on localhost."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{ENDPOINT}/moto-api/", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    yield ENDPOINT
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata database for dag.test()."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return _HOME
+
+
+def reset_s3() -> None:
+    req = urllib.request.Request(f"{ENDPOINT}/moto-api/reset", method="POST")
+    urllib.request.urlopen(req, timeout=10)
+
+
+def s3_hook():
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id="aws_default")
+
+
+def fresh_bucket() -> str:
+    """Reset the S3 server; an empty bucket in eu-west-3 with the real MobileNetV2 weights staged, as
+    `make demo` does."""
+    reset_s3()
+    hook = s3_hook()
+    hook.create_bucket(bucket_name=BUCKET, region_name="eu-west-3")
+    hook.load_file(str(WEIGHTS), "artifacts/models/mobilenet_v2_1.0_224_no_top.h5", BUCKET, replace=True)
+    return BUCKET
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: str) -> str:
+    """A fresh bucket per test module (call fresh_bucket() for one per test)."""
+    return fresh_bucket()
+
+
+def sample_files(split: str = "Training", labels: int = 3, per_label: int = 6, offset: int = 0) -> list[Path]:
+    """Real Fruits-360 files: the first `labels` varieties, `per_label` images each (sorted, stable)."""
+    out: list[Path] = []
+    for label_dir in sorted(p for p in (SAMPLE / split).iterdir() if p.is_dir())[:labels]:
+        out += sorted(label_dir.iterdir())[offset : offset + per_label]
+    return out
+
+
+def upload(batch_id: str, files: dict[str, bytes | Path], ready: bool = True) -> None:
+    """Upload {relative key: content or path} under incoming/BATCH/, then _READY last."""
+    hook = s3_hook()
+    for rel, content in files.items():
+        key = f"incoming/{batch_id}/{rel}"
+        if isinstance(content, Path):
+            hook.load_file(str(content), key, BUCKET, replace=True)
+        else:
+            hook.load_bytes(content, key, BUCKET, replace=True)
+    if ready:
+        hook.load_string("", f"incoming/{batch_id}/_READY", BUCKET, replace=True)
+
+
+def upload_sample(batch_id: str, files: list[Path], ready: bool = True) -> None:
+    upload(batch_id, {f"{p.parent.name}/{p.name}": p for p in files}, ready)
+
+
+def get_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag("fruits_embeddings")
+
+
+def run_dag(conf: dict | None = None):
+    """Run the real DAG once, in this process, like `airflow dags test`. Returns the DagRun."""
+    return get_dag().test(run_conf=conf or {})
+
+
+def task_states(dagrun) -> dict[str, str]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.dag_id == dagrun.dag_id, TaskInstance.run_id == dagrun.run_id)
+            .all()
+        )
+        return {ti.task_id: str(ti.state.value if hasattr(ti.state, "value") else ti.state) for ti in tis}
+
+
+def list_keys(prefix: str) -> list[str]:
+    return sorted(s3_hook().list_keys(BUCKET, prefix=prefix) or [])
+
+
+def read_json(key: str) -> dict:
+    return json.loads(s3_hook().read_key(key, BUCKET))
+
+
+def read_parquet(prefix: str):
+    """All Parquet files under prefix, as one pyarrow table (via the S3 hook)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hook = s3_hook()
+    tables = [
+        pq.read_table(io.BytesIO(hook.get_key(k, BUCKET).get()["Body"].read()))
+        for k in list_keys(prefix)
+        if k.endswith(".parquet")
+    ]
+    return pa.concat_tables(tables) if tables else None
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
