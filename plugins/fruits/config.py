@@ -58,6 +58,12 @@ class Settings:
         default_factory=lambda: Path(_env("FRUITS_WORK_DIR", str(REPO_ROOT / ".cache" / "work")))
     )
     claim_lease_s: int = field(default_factory=lambda: int(_env("FRUITS_CLAIM_LEASE_S", str(6 * 3600))))
+    # Run report: a batch whose id holds the token "test" is held-out data for the linear probe; the
+    # probe and the scatter read at most this many rows per split (a deterministic sample by path).
+    test_batch_pattern: str = field(
+        default_factory=lambda: _env("FRUITS_TEST_BATCH_PATTERN", r"(^|[-_.])test([-_.]|$)")
+    )
+    report_max_rows: int = field(default_factory=lambda: int(_env("FRUITS_REPORT_MAX_ROWS", "20000")))
     # PCA defaults (also the UI form's defaults).
     pca_variance_target: float = 0.90
     pca_max_k: int = 256

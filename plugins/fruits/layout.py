@@ -61,6 +61,10 @@ class Layout:
     def run_prefix(self, run_id: str) -> str:
         return f"{self.runs}{safe_run_id(run_id)}/"
 
+    def report_key(self, run_id: str) -> str:
+        """One self-contained HTML page per run (plugins/fruits/report.py)."""
+        return f"{self.reports}{safe_run_id(run_id)}.html"
+
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
