@@ -56,13 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def read_embeddings(spark: SparkSession, root: str, batches: list[str]) -> DataFrame:
-    """Only the named batch partitions are read: the DAG decides which batches are trusted."""
+def read_embeddings(spark: SparkSession, root: str, batches: list[str]) -> DataFrame | None:
+    """Only the named batch partitions are read: the DAG decides which batches are trusted.
+
+    A batch whose every file was rejected has no embeddings partition: it simply gets no features."""
     paths = [f"{root.rstrip('/')}/batch_id={b}" for b in batches]
-    missing = [p for p in paths if not sparkio.exists(spark, p)]
+    present = [p for p in paths if sparkio.exists(spark, p)]
+    missing = sorted(set(paths) - set(present))
     if missing:
-        raise SystemExit(f"pca: no embeddings at {missing}; run the embed step for these batches first")
-    return spark.read.option("basePath", root).parquet(*paths).withColumn("vec", array_to_vector("embedding"))
+        log.warning("no embeddings (every file rejected?) for %s", missing)
+    if not present:
+        return None
+    return (
+        spark.read.option("basePath", root).parquet(*present).withColumn("vec", array_to_vector("embedding"))
+    )
 
 
 def choose_k(cumulative: list[float], k: int | None, target: float) -> int:
@@ -101,7 +108,10 @@ def scree_png(explained: list[float], cumulative: list[float], k: int, target: f
 
 
 def fit(spark: SparkSession, args: argparse.Namespace) -> dict:
-    data = read_embeddings(spark, args.embeddings_root, args.fit_batches).select("vec").cache()
+    frame = read_embeddings(spark, args.embeddings_root, args.fit_batches)
+    if frame is None:
+        raise SystemExit("pca: nothing to fit on: the fit batches have no embeddings (all files rejected?)")
+    data = frame.select("vec").cache()
     n_rows = data.count()
     if n_rows < 2:
         raise SystemExit(f"pca: cannot fit on {n_rows} row(s); add images or fix --fit-batch")
@@ -167,18 +177,25 @@ def main(argv: list[str]) -> int:
     k = int(meta["k"])
 
     embeddings = read_embeddings(spark, args.embeddings_root, args.batches)
-    features = model.transform(embeddings).select(
-        "batch_id",
-        "path",
-        "label",
-        "content_sha256",
-        F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
-        F.lit(args.version).alias("pca_version"),
-        "model_id",
-    )
     out = f"{args.features_root.rstrip('/')}/pca_version={args.version}"
-    features.write.mode("overwrite").partitionBy("batch_id").parquet(out)
-    rows = spark.read.parquet(*[f"{out}/batch_id={b}" for b in args.batches]).count()
+    rows, written = 0, set()
+    if embeddings is not None:
+        features = model.transform(embeddings).select(
+            "batch_id",
+            "path",
+            "label",
+            "content_sha256",
+            F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
+            F.lit(args.version).alias("pca_version"),
+            "model_id",
+        )
+        features.write.mode("overwrite").partitionBy("batch_id").parquet(out)
+        counts = (
+            spark.read.parquet(out).where(F.col("batch_id").isin(args.batches)).groupBy("batch_id").count()
+        )
+        per_batch = {r["batch_id"]: r["count"] for r in counts.collect()}
+        rows, written = sum(per_batch.values()), set(per_batch)
+    sparkio.remove_partitions_not_written(spark, out, args.batches, written)
     seconds = time.monotonic() - started
     metrics = {
         "step": "pca",

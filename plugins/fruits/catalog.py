@@ -66,15 +66,21 @@ class Catalog:
     def ready_batches(self) -> list[str]:
         return [b for b in self.batch_ids() if self.is_ready(b)]
 
-    def count_input_files(self, batch_id: str) -> int:
-        """Files Spark will see in the batch: the marker, hidden names and folder markers excluded."""
+    def scan_inputs(self, batch_id: str) -> tuple[list[tuple[str, int]], list[str]]:
+        """([(key, size)] of the batch's input files, [hidden-named keys]). The _READY marker and folder
+        markers are neither. Names starting with '_' or '.' are skipped by Spark's file index (think
+        .DS_Store), so they are reported, not silently dropped."""
         prefix = self.layout.batch_prefix(batch_id)
-        keys = self.hook.list_keys(self.bucket, prefix=prefix) or []
-        return sum(
-            1
-            for k in keys
-            if not k.endswith("/") and not _is_hidden_relpath(k[len(prefix) :]) and k != prefix + READY_MARKER
-        )
+        inputs, ignored = [], []
+        for obj in self.hook.iter_file_metadata(prefix, self.bucket):
+            key = obj["Key"]
+            if key.endswith("/") or key == prefix + READY_MARKER:
+                continue
+            if _is_hidden_relpath(key[len(prefix) :]):
+                ignored.append(key)
+            else:
+                inputs.append((key, int(obj["Size"])))
+        return inputs, ignored
 
     # --- ledger -----------------------------------------------------------------------------------
     def ledger(self) -> dict[str, dict[str, Any]]:
@@ -86,16 +92,27 @@ class Catalog:
                 records[key[len(self.layout.ledger) : -len(".json")]] = record
         return records
 
-    def check_ledger_consistent(self, ledger: dict[str, dict[str, Any]]) -> None:
-        """An empty ledger beside existing outputs means the ledger was lost, not that nothing was done."""
-        if ledger:
-            return
-        if self.hook.list_keys(self.bucket, prefix=self.layout.embeddings, max_items=1):
+    def check_state(self, refit: bool) -> None:
+        """Refuse to run on damaged bookkeeping rather than silently redo everything. Raises CatalogError
+        with the way to recover."""
+        ledger = self.ledger()  # raises on a record that is not valid JSON
+        where = f"s3://{self.bucket}/"
+        if not ledger and self.hook.list_keys(self.bucket, prefix=self.layout.embeddings, max_items=1):
             raise CatalogError(
-                f"the ledger s3://{self.bucket}/{self.layout.ledger} is empty but embeddings exist under "
-                f"s3://{self.bucket}/{self.layout.embeddings}. Restore the ledger from S3 versioning; or, to "
-                "recompute every batch on purpose, trigger with params force=true and the batch_ids to redo."
+                f"the ledger {where}{self.layout.ledger} is empty but embeddings exist under "
+                f"{where}{self.layout.embeddings}. Restore the ledger from S3 versioning; or, to recompute "
+                "on purpose, trigger with force=true and the batch_ids to redo."
             )
+        if refit:
+            return
+        pointer_missing = not self.hook.check_for_key(self.layout.pca_current, self.bucket)
+        if ledger and pointer_missing:
+            raise CatalogError(
+                f"{where}{self.layout.pca_current} is missing but {len(ledger)} batch(es) are in the ledger, "
+                "so new features would not match the old ones. Restore the file from S3 versioning, or "
+                "trigger with refit=true to fit a new PCA model over every processed batch."
+            )
+        self.current_pca()  # raises when the pointer names a model that is not there
 
     def record_batch(self, batch_id: str, record: dict[str, Any]) -> None:
         self.write_json(self.layout.ledger_key(batch_id), record)
@@ -153,12 +170,16 @@ class Catalog:
         if pointer is None:
             return None
         version = pointer.get("version")
-        meta_key = self.layout.pca_model_prefix(str(version)) + "metadata.json"
-        if not version or not self.hook.check_for_key(meta_key, self.bucket):
+        model = self.layout.pca_model_prefix(str(version))
+        intact = bool(version) and all(
+            self.hook.list_keys(self.bucket, prefix=model + part, max_items=1)
+            for part in ("metadata.json", "spark_model/")
+        )
+        if not intact:
             raise CatalogError(
-                f"s3://{self.bucket}/{self.layout.pca_current} names PCA version {version!r}, but "
-                f"s3://{self.bucket}/{meta_key} is missing. Restore that model, or trigger with refit=true "
-                "to fit a new model over every processed batch."
+                f"{self.layout.uri(self.layout.pca_current)} names PCA version {version!r}, but the model "
+                f"at {self.layout.uri(model)} is missing or incomplete. Restore it from S3 versioning, or "
+                "trigger with refit=true to fit a new model over every processed batch."
             )
         return pointer
 

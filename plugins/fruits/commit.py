@@ -41,6 +41,9 @@ def commit(
             "embedded": r["embedded"],
             "rejected": r["rejected"],
             "labels": r["labels"],
+            "ignored_hidden_files": plan.get("ignored", {}).get(batch_id, [])
+            if new
+            else previous.get("ignored_hidden_files", []),
             "model_id": plan["model_id"] if new else previous.get("model_id", plan["model_id"]),
             "pca_version": pca["version"],
             "pca_k": pca_meta["k"],

@@ -6,6 +6,7 @@ The plan is a JSON-able dict, passed between tasks by XCom, so every task sees t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -101,7 +102,7 @@ def parse_params(raw: Mapping[str, Any], s: Settings) -> RunParams:
 
 
 def preflight(catalog: Catalog, p: RunParams) -> None:
-    """Check what the params point at before any compute is started."""
+    """Check what the params point at, and the bookkeeping, before anything is claimed or started."""
     hook, bucket = catalog.hook, catalog.bucket
     if not hook.check_for_bucket(bucket):
         raise ParamError(
@@ -131,12 +132,12 @@ def preflight(catalog: Catalog, p: RunParams) -> None:
                 f"batch(es) {not_ready} have no _READY marker: their upload may be incomplete. "
                 "Put the marker once the upload is complete, then trigger again."
             )
+    catalog.check_state(refit=p.refit)
 
 
 def select_batches(catalog: Catalog, p: RunParams) -> list[str]:
     """Ready batches not yet in the ledger (or the explicit ones; with force=true even if processed)."""
     ledger = catalog.ledger()
-    catalog.check_ledger_consistent(ledger)
     if p.batch_ids:
         done = [b for b in p.batch_ids if b in ledger and not p.force]
         if done:
@@ -195,6 +196,28 @@ def build_plan(
             p.max_k,
         )
     run_prefix = layout.run_prefix(run_id)
+    files, ignored, manifest = {}, {}, []
+    for b in sorted(batches):
+        inputs, hidden = catalog.scan_inputs(b)
+        files[b] = len(inputs)
+        manifest += [{"batch_id": b, "path": layout.uri(k), "size_bytes": n} for k, n in inputs]
+        if hidden:
+            ignored[b] = hidden
+            log.warning(
+                "batch %s: %d hidden-named file(s) ignored (rename to include them): %s",
+                b,
+                len(hidden),
+                hidden[:20],
+            )
+    # The embed step processes exactly this list: files Spark's reader skips (empty ones) become rejects,
+    # and a file uploaded after the plan is not half-counted.
+    manifest_key = f"{run_prefix}inputs.jsonl"
+    catalog.hook.load_string(
+        "\n".join(json.dumps(m, ensure_ascii=False) for m in manifest),
+        manifest_key,
+        catalog.bucket,
+        replace=True,
+    )
     sha = weights_sha256(catalog, p.weights_uri)
     onnx_uri = None  # set by the staging step when engine=onnx
     plan: dict[str, Any] = {
@@ -202,7 +225,8 @@ def build_plan(
         "run_prefix": run_prefix,
         "params": asdict(p),
         "batches": sorted(batches),
-        "files": {b: catalog.count_input_files(b) for b in sorted(batches)},
+        "files": files,
+        "ignored": ignored,
         # Batches whose outputs this run (re)writes and must validate: the new ones, plus all on a refit.
         "validate_files": {
             b: (ledger[b]["files"] if b in ledger and b not in batches else None)

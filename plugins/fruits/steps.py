@@ -36,6 +36,8 @@ def embed_args(
         layout.uri(layout.embeddings.rstrip("/")),
         "--rejects-out",
         layout.uri(layout.rejects.rstrip("/")),
+        "--manifest",
+        layout.uri(f"{run_prefix}inputs.jsonl"),
         "--weights",
         weights_uri,
         "--engine",

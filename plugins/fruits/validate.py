@@ -118,8 +118,9 @@ def validate_batch(
         ("rejects", layout.partition(layout.rejects, batch_id)),
     ):
         for key, table in iter_parquet(hook, layout.bucket, prefix):
-            res.problems += _schema_problems(table, kind, key)
-            if res.problems:
+            schema_problems = _schema_problems(table, kind, key)
+            if schema_problems:
+                res.problems += schema_problems
                 continue
             paths = table.column("path").to_pylist()
             counts = Counter(paths)
@@ -149,8 +150,9 @@ def validate_batch(
     for key, table in iter_parquet(
         hook, layout.bucket, layout.partition(layout.features_prefix(pca_version), batch_id)
     ):
-        res.problems += _schema_problems(table, "features", key)
-        if res.problems:
+        schema_problems = _schema_problems(table, "features", key)
+        if schema_problems:
+            res.problems += schema_problems
             continue
         res.features += table.num_rows
         feature_paths.update(table.column("path").to_pylist())

@@ -56,7 +56,9 @@ def decode_rgb224(data: bytes) -> np.ndarray:
         raise RejectedImage("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from 89 M px on the declared size, before draft mode can shrink a JPEG; our own
+            # cap below applies to what is really decoded. Its hard error (> 179 M px) still rejects.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 if im.format not in ACCEPTED_FORMATS:
                     raise RejectedImage(f"unsupported image format {im.format} (accepted: JPEG, PNG)")
@@ -65,8 +67,8 @@ def decode_rgb224(data: bytes) -> np.ndarray:
                 width, height = im.size
                 if width * height > MAX_DECODED_PIXELS:
                     raise RejectedImage(
-                        f"image too large: {width}x{height} px after reduction exceeds "
-                        f"{MAX_DECODED_PIXELS:,} px"
+                        f"image too large: {width}x{height} px to decode exceeds the limit of "
+                        f"{MAX_DECODED_PIXELS:,} px (JPEGs are reduced first; this one cannot be)"
                     )
                 im.load()
                 oriented = ImageOps.exif_transpose(im)
@@ -77,7 +79,7 @@ def decode_rgb224(data: bytes) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise RejectedImage("not a decodable image: content is not JPEG or PNG") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise RejectedImage(f"image too large (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectedImage(f"corrupt or truncated image: {exc}") from None
