@@ -52,6 +52,10 @@ class Layout:
     artifacts: str = "artifacts/"
     reports: str = "reports/"
 
+    def onnx_model_key(self, weights_sha256: str) -> str:
+        """The ONNX export of one weights version; its manifest (checksums, probe check) is KEY + '.json'."""
+        return f"{self.artifacts}models/{weights_sha256[:12]}/mobilenet_v2_avgpool.onnx"
+
     def ledger_key(self, batch_id: str) -> str:
         return f"{self.ledger}{batch_id}.json"
 

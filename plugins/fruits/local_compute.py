@@ -11,7 +11,7 @@ from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
 from fruits.config import Settings
 from fruits.spark_submit import local_bundle, run_spark_submit, s3_to_s3a, spark_submit_argv
-from fruits.tuning import local_tuning
+from fruits.tuning import SparkTuning, local_tuning
 
 log = logging.getLogger(__name__)
 SPARK_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
@@ -47,8 +47,15 @@ def s3a_conf_and_env(aws_conn_id: str, s: Settings) -> tuple[dict[str, str], dic
     return conf, env
 
 
-def run_local_step(step: str, job_args: Sequence[str], s: Settings, logger: logging.Logger = log) -> None:
-    tuning = local_tuning(s.spark_master)
+def run_local_step(
+    step: str,
+    job_args: Sequence[str],
+    s: Settings,
+    logger: logging.Logger = log,
+    tuning: SparkTuning | None = None,
+) -> None:
+    """`tuning` defaults to the one derived from this machine's cores; the bench passes others."""
+    tuning = tuning or local_tuning(s.spark_master)
     s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
     bundle = local_bundle(s.jobs_dir, s.work_dir)
     spark_submit = str(Path(s.spark_python).parent / "spark-submit")

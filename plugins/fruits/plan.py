@@ -16,6 +16,7 @@ from typing import Any
 from fruits.catalog import Catalog
 from fruits.config import COMPUTE_BACKENDS, ENGINES, EU_REGIONS, PCA_MODES, Settings
 from fruits.layout import BATCH_ID_RE, Layout
+from fruits.onnx_model import ensure_onnx
 from fruits.steps import PcaPlan, embed_args, pca_args
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def build_plan(
         replace=True,
     )
     sha = weights_sha256(catalog, p.weights_uri)
-    onnx_uri = None  # set by the staging step when engine=onnx
+    # ONNX Runtime runs an export of these same weights, made once per weights version and checked.
+    onnx_uri = ensure_onnx(catalog, p.weights_uri, sha, s)[0] if p.engine == "onnx" else None
     plan: dict[str, Any] = {
         "run_id": run_id,
         "run_prefix": run_prefix,
