@@ -10,6 +10,10 @@ UV := $(CURDIR)/.tools/bin/uv
 JARS := $(CURDIR)/.cache/jars
 S3_PORT ?= 5055
 DATA ?= $(abspath ../shared/data/fruits360-sample/Training)
+UI_PORT ?= 8080
+UI_S3_PORT ?= 5056
+SCHEDULE ?= off
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export AIRFLOW_HOME ?= $(CURDIR)/.cache/airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
@@ -24,11 +28,13 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup venv jars demo test lint clean s3-start s3-stop
+.PHONY: help setup venv jars demo test lint clean s3-start s3-stop up down chromium
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
 	@echo "make lint                 ruff"
+	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
+	@echo "make down                 stop everything make up started"
 
 $(UV):
 	@echo "==> installing uv $(UV_VERSION) into .tools/"
@@ -59,11 +65,22 @@ setup: venv jars
 demo: setup
 	@$(BIN)/python scripts/devstack.py demo --data "$(DATA)"
 
-test: setup
+test: setup chromium
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	@$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+up: setup
+	@$(BIN)/python scripts/ui_stack.py up --port $(UI_PORT) --s3-port $(UI_S3_PORT) $(if $(filter on,$(SCHEDULE)),--schedule)
+
+down:
+	@$(BIN)/python scripts/ui_stack.py down
+
+# Headless Chromium renders the run report in the tests: Debian's package, installed once.
+chromium:
+	@command -v chromium >/dev/null || { echo "==> installing chromium (apt, about 1 min)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 s3-start: venv
 	@$(BIN)/python scripts/devstack.py s3-start
