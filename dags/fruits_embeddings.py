@@ -5,7 +5,7 @@ New photo batches in S3 -> MobileNetV2 embeddings (1280-d) -> StandardScaler + P
 
 1. **plan**: check the params, find ready batches not in the ledger, claim them, decide the PCA model.
 2. **compute**: the `embed` then `pca` Spark steps, on a local Spark or on a transient EMR cluster.
-3. **validate** the outputs against the inputs, **commit** the ledger, **summarize**.
+3. **validate** the outputs against the inputs, **commit** the ledger, **summarize**, **report** (HTML).
 
 The data contract and how to run it are in the README. Helpers live in `plugins/fruits/`.
 """
@@ -23,6 +23,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from fruits import catalog as cat
 from fruits import commit as commit_mod
 from fruits import plan as planning
+from fruits import report as reporting
 from fruits import validate as validation
 from fruits.config import COMPUTE_BACKENDS, ENGINES, PCA_MODES, settings
 from fruits.layout import Layout
@@ -173,6 +174,13 @@ def fruits_embeddings():
         log.info("summary (s3://%s/%s): %s", catalog.bucket, key, json.dumps(summary))
         return summary
 
+    @task
+    def report(plan: dict[str, Any], summary: dict[str, Any]) -> str:
+        """A page to look at: counts, rejects, timings, PCA variance and map, linear-probe accuracy."""
+        uri = reporting.write_report(_catalog(), plan, summary, settings())
+        log.info("run report: %s", uri)
+        return uri
+
     @teardown
     def release_claims(claimed: list[str]) -> None:
         """Runs whatever happened: a failed run hands its batches back at once."""
@@ -192,6 +200,7 @@ def fruits_embeddings():
     summary = summarize(plan, validated, committed)
     embedded >> reduced >> validated
     summary >> release_claims(claimed)
+    report(plan, summary)
 
 
 fruits_embeddings()
