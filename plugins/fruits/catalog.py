@@ -97,11 +97,11 @@ class Catalog:
         with the way to recover."""
         ledger = self.ledger()  # raises on a record that is not valid JSON
         where = f"s3://{self.bucket}/"
-        if not ledger and self.hook.list_keys(self.bucket, prefix=self.layout.embeddings, max_items=1):
+        if not ledger and self._any_completed_run():
             raise CatalogError(
-                f"the ledger {where}{self.layout.ledger} is empty but embeddings exist under "
-                f"{where}{self.layout.embeddings}. Restore the ledger from S3 versioning; or, to recompute "
-                "on purpose, trigger with force=true and the batch_ids to redo."
+                f"the ledger {where}{self.layout.ledger} is empty but completed runs are recorded under "
+                f"{where}{self.layout.runs}: the ledger was lost. Restore it from S3 versioning; or, to "
+                "recompute on purpose, trigger with force=true and the batch_ids to redo."
             )
         if refit:
             return
@@ -113,6 +113,14 @@ class Catalog:
                 "trigger with refit=true to fit a new PCA model over every processed batch."
             )
         self.current_pca()  # raises when the pointer names a model that is not there
+
+    def _any_completed_run(self) -> bool:
+        """A run summary is written only after its ledger records: one proves the ledger existed. (A first
+        run that crashed before its commit leaves outputs but no summary, and is simply redone.)"""
+        for obj in self.hook.iter_file_metadata(self.layout.runs, self.bucket):
+            if obj["Key"].endswith("/summary.json"):
+                return True
+        return False
 
     def record_batch(self, batch_id: str, record: dict[str, Any]) -> None:
         self.write_json(self.layout.ledger_key(batch_id), record)
