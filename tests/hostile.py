@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
-
 from conftest import SAMPLE
+from PIL import Image
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

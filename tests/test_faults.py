@@ -8,9 +8,8 @@ real S3 server, as a crash or a careless hand would leave them.
 
 from __future__ import annotations
 
-import json
-import re
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,15 @@ from pathlib import Path
 import pytest
 from airflow.sdk.exceptions import ParamValidationError
 from conftest import (
-    BUCKET, fresh_bucket, list_keys, read_json, read_parquet, run_dag, s3_hook, sample_files, task_states,
+    BUCKET,
+    fresh_bucket,
+    list_keys,
+    read_json,
+    read_parquet,
+    run_dag,
+    s3_hook,
+    sample_files,
+    task_states,
     upload_sample,
 )
 from fruits.catalog import Catalog, CatalogError
@@ -53,7 +60,9 @@ def test_run_dying_before_validation_is_redone_and_nothing_half_written_is_trust
 
     # A crashed writer's leftover: a duplicate part file inside the partition.
     part = next(k for k in list_keys("embeddings/batch_id=crashy/") if k.endswith(".parquet"))
-    s3_hook().copy_object(part, "embeddings/batch_id=crashy/part-99999-stale.c000.snappy.parquet", BUCKET, BUCKET)
+    s3_hook().copy_object(
+        part, "embeddings/batch_id=crashy/part-99999-stale.c000.snappy.parquet", BUCKET, BUCKET
+    )
     assert read_parquet("embeddings/batch_id=crashy/").num_rows > len(files)
 
     recovered = run_dag()
@@ -72,7 +81,10 @@ def _airflow_dags_test(home: Path, log: Path) -> subprocess.Popen:
     airflow = str(Path(sys.executable).parent / "airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     return subprocess.Popen(
-        [airflow, "dags", "test", "fruits_embeddings"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+        [airflow, "dags", "test", "fruits_embeddings"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -168,7 +180,10 @@ def test_damaged_bookkeeping_fails_fast_with_a_way_out(airflow_db, s3_server, da
         ({"pca_k": 2000}, "pca_k=2000 is outside [1, 1280]"),
         ({"variance_target": 1.5}, "variance_target=1.5 is outside (0, 1]"),
         ({"variance_target": 0}, "variance_target=0.0 is outside (0, 1]"),
-        ({"weights_uri": "s3://fruits-test/nope/weights.h5"}, "weights file s3://fruits-test/nope/weights.h5 does not exist"),
+        (
+            {"weights_uri": "s3://fruits-test/nope/weights.h5"},
+            "weights file s3://fruits-test/nope/weights.h5 does not exist",
+        ),
         ({"region": "us-east-1"}, "region='us-east-1' is outside the EU"),
         ({"compute": "mainframe"}, "compute='mainframe' is unknown"),
     ],
