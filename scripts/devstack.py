@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,53 @@ def latest_summary(bucket: str) -> dict:
     return json.loads(h.read_key(newest, bucket))
 
 
+DEMO_OUTPUT = REPO / "demo-output"
+
+
+def dag_test(batch: str, logfile: Path) -> None:
+    """One DAG run over one batch, as `airflow dags test` (scheduler-less, in this machine's Spark)."""
+    airflow = str(Path(sys.executable).parent / "airflow")
+    keep = ("starting task_id", "progress:", "done:", "fitted PCA", "run report:", "linear probe", "Marking")
+    # The full log goes to a file; the lines that say where the run is are shown as they come.
+    with (
+        open(logfile, "w") as out,
+        subprocess.Popen(
+            [airflow, "dags", "test", "fruits_embeddings", "-c", json.dumps({"batch_ids": [batch]})],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if any(k in line for k in keep):
+                text = re.sub(r"\s+\[[\w.]+\]\s+loc=\S+.*$", "", line.split("]", 1)[-1].strip())
+                print("   " + text[:160], flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"DAG run failed (exit {code}); full log: {logfile}")
+
+
+def fetch_report(bucket: str, run_id: str) -> tuple[Path, dict]:
+    """Copy the run's HTML report from S3 into demo-output/; return it with the probe's numbers."""
+    from fruits.layout import Layout
+
+    layout = Layout(bucket)
+    DEMO_OUTPUT.mkdir(exist_ok=True)
+    local = DEMO_OUTPUT / layout.report_key(run_id).rsplit("/", 1)[1]
+    hook().get_conn().download_file(bucket, layout.report_key(run_id), str(local))
+    stats = json.loads(hook().read_key(f"{layout.run_prefix(run_id)}report.json", bucket))
+    return local, stats
+
+
+def held_out_split(data: Path) -> Path | None:
+    """Fruits-360 keeps Training/ and Test/ side by side: the demo uses Test/ as held-out data."""
+    sibling = data.parent / "Test"
+    return sibling if data.name == "Training" and sibling.is_dir() else None
+
+
 def demo(data: Path, batch_id: str | None) -> None:
     from fruits.config import settings
 
@@ -144,26 +192,29 @@ def demo(data: Path, batch_id: str | None) -> None:
     try:
         ensure_bucket(bucket)
         stage_weights(bucket)
-        batch = batch_id or f"{data.name.lower().replace(' ', '-')}-{time.strftime('%Y%m%dT%H%M%S')}"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        batch = batch_id or f"{data.name.lower().replace(' ', '-')}-{stamp}"
         upload_batch(bucket, data, batch)
-        say("running the DAG: airflow dags test fruits_embeddings (embed + PCA on local Spark)")
+        test_data = held_out_split(data)
+        test_batch = f"test-{stamp}"  # the token "test" makes it held-out data for the report's probe
+        if test_data:
+            upload_batch(bucket, test_data, test_batch)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        say(f"run 1: the DAG on {batch!r} (embed + PCA fit on local Spark)")
         t0 = time.monotonic()
-        airflow = str(Path(sys.executable).parent / "airflow")
-        subprocess.run([airflow, "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
-        conf = json.dumps({"batch_ids": [batch]})
         logfile = CACHE / "demo-dag.log"
-        with open(logfile, "w") as out:
-            code = subprocess.call(
-                [airflow, "dags", "test", "fruits_embeddings", "-c", conf],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        for line in logfile.read_text(errors="replace").splitlines():
-            if "progress:" in line or "done:" in line or "fitted PCA" in line or "Marking task as" in line:
-                print("   " + line.split("]", 1)[-1].strip()[:160])
-        if code != 0:
-            raise SystemExit(f"DAG run failed (exit {code}); full log: {logfile}")
+        dag_test(batch, logfile)
+        seconds = round(time.monotonic() - t0, 1)
         summary = latest_summary(bucket)
+        reports = [fetch_report(bucket, summary["run_id"])]
+        if test_data:
+            say(f"run 2: the DAG on {test_batch!r} (held-out Test images, transformed with run 1's PCA)")
+            dag_test(test_batch, CACHE / "demo-dag-test.log")
+            reports.append(fetch_report(bucket, latest_summary(bucket)["run_id"]))
         summary = {
             k: summary[k]
             for k in (
@@ -177,7 +228,7 @@ def demo(data: Path, batch_id: str | None) -> None:
                 "seconds",
             )
         }
-        summary["seconds"] = round(time.monotonic() - t0, 1)
+        summary["seconds"] = seconds
         print()
         print(
             f"Processed {summary['batches']} batch(es): {summary['images']} images, "
@@ -192,6 +243,16 @@ def demo(data: Path, batch_id: str | None) -> None:
             f"Outputs: s3://{bucket}/embeddings/, rejects/, features/, models/pca/, ledger/ "
             f"(endpoint {s3_endpoint()}); full DAG log: {logfile}"
         )
+        probe = reports[-1][1]["probe"]
+        if probe.get("pca"):
+            print(
+                f"Linear probe (logistic regression, trained on the {probe['pca']['train_rows']} Training "
+                f"images, top-1 on the {probe['pca']['test_rows']} Test images, {probe['pca']['classes']} "
+                f"varieties): PCA features ({probe['pca']['dim']}-d) {probe['pca']['accuracy']:.1%}, "
+                f"full embeddings (1280-d) {probe['full']['accuracy']:.1%}."
+            )
+        for path, _ in reports:
+            print(f"Run report: {path}")
         print(json.dumps(summary))
     finally:
         if started_s3:
