@@ -4,7 +4,8 @@
 New photo batches in S3 -> MobileNetV2 embeddings (1280-d) -> StandardScaler + PCA -> validated Parquet.
 
 1. **plan**: check the params, find ready batches not in the ledger, claim them, decide the PCA model.
-2. **compute**: the `embed` then `pca` Spark steps, on a local Spark or on a transient EMR cluster.
+2. **compute**: the `embed` then `pca` Spark steps, on a local Spark or on a transient EMR cluster
+   (`emr` group: created for this run, every step watched, terminated by a teardown whatever happened).
 3. **validate** the outputs against the inputs, **commit** the ledger, **summarize**, **report** (HTML).
 
 The data contract and how to run it are in the README. Helpers live in `plugins/fruits/`.
@@ -18,10 +19,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
+from airflow.providers.amazon.aws.operators.emr import (
+    EmrAddStepsOperator,
+    EmrCreateJobFlowOperator,
+    EmrTerminateJobFlowOperator,
+)
+from airflow.sdk import Param, TaskGroup, TriggerRule, dag, get_current_context, setup, task, teardown
 from airflow.sdk.exceptions import AirflowSkipException
 from fruits import catalog as cat
 from fruits import commit as commit_mod
+from fruits import emr
 from fruits import plan as planning
 from fruits import report as reporting
 from fruits import validate as validation
@@ -137,6 +144,11 @@ def fruits_embeddings():
         log.info("plan: %s", json.dumps({k: plan[k] for k in ("batches", "files", "model_id", "pca")}))
         return plan
 
+    @task.branch
+    def choose_compute(plan: dict[str, Any]) -> str:
+        """compute=local: spark-submit on this worker; compute=emr: a transient cluster for this run."""
+        return "emr.stage_artifacts" if plan["params"]["compute"] == "emr" else "embed"
+
     @task
     def embed(plan: dict[str, Any]) -> None:
         run_local_step("embed", plan["embed_args"], settings(), log)
@@ -145,7 +157,14 @@ def fruits_embeddings():
     def pca(plan: dict[str, Any]) -> None:
         run_local_step("pca", plan["pca_args"], settings(), log)
 
-    @task
+    @task(multiple_outputs=True)
+    def stage_artifacts(plan: dict[str, Any]) -> dict[str, Any]:
+        """Job package, bootstrap action and weights to S3 (content-addressed: only what changed is
+        uploaded), then the cluster request and the two steps that name them."""
+        return emr.prepare_cluster(_catalog(), plan, settings())
+
+    # One of the two compute paths is skipped; a failed step on the other still fails the run here.
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
         catalog = _catalog()
         meta = catalog.pca_metadata(plan["pca"]["version"])
@@ -169,6 +188,9 @@ def fruits_embeddings():
         catalog = _catalog()
         seconds = (datetime.now(UTC) - datetime.fromisoformat(plan["started"])).total_seconds()
         summary = commit_mod.summarize(plan, validated["results"], validated["pca_meta"], seconds)
+        cluster_id = get_current_context()["ti"].xcom_pull(task_ids="emr.create_cluster")
+        if cluster_id:  # compute=emr: instance-hours x price
+            summary["emr"] = emr.cluster_cost(cluster_id, plan["params"]["region"], settings())
         key = f"{plan['run_prefix']}summary.json"
         catalog.write_json(key, {**summary, "run_id": plan["run_id"], "ledger": committed})
         log.info("summary (s3://%s/%s): %s", catalog.bucket, key, json.dumps(summary))
@@ -193,12 +215,37 @@ def fruits_embeddings():
     batches = find_new_batches(checked)
     claimed = claim_batches(batches)
     plan = plan_run(checked, claimed)
+    route = choose_compute(plan)
+
+    # compute=local
     embedded = embed(plan)
     reduced = pca(plan)
+    route >> embedded >> reduced
+
+    # compute=emr: create -> add both steps -> watch every step -> terminate (a teardown: it runs after a
+    # success, a failure, or a run marked failed by hand)
+    aws = {"aws_conn_id": S.aws_conn_id, "region_name": "{{ params.region }}"}
+    with TaskGroup("emr", tooltip="a transient EMR cluster for this run") as on_emr:
+        prepared = stage_artifacts(plan)
+        create_cluster = EmrCreateJobFlowOperator(
+            task_id="create_cluster", emr_conn_id=None, job_flow_overrides=prepared["job_flow"], **aws
+        )
+        add_steps = EmrAddStepsOperator(
+            task_id="add_steps", job_flow_id=create_cluster.output, steps=prepared["steps"], **aws
+        )
+        watched = emr.StepWatcher.partial(
+            task_id="watch_steps", job_flow_id=create_cluster.output, **aws, **emr.sensor_kwargs(S)
+        ).expand(step_id=add_steps.output)
+        terminate_cluster = EmrTerminateJobFlowOperator(
+            task_id="terminate_cluster", job_flow_id=create_cluster.output, **aws
+        )
+        add_steps >> watched >> terminate_cluster.as_teardown(setups=create_cluster)
+    route >> on_emr
+
     validated = validate(plan)
     committed = commit(plan, validated)
     summary = summarize(plan, validated, committed)
-    embedded >> reduced >> validated
+    [reduced, watched] >> validated
     summary >> release_claims(claimed)
     report(plan, summary)
 

@@ -104,8 +104,14 @@ def airflow_db() -> Path:
     return _HOME
 
 
+def current_endpoint() -> str:
+    """The endpoint of the AWS connection in force: ENDPOINT, unless a test module points the connection
+    at its own moto server (tests/test_emr.py runs one in-process to drive EMR step states)."""
+    return json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])["extra"]["endpoint_url"]
+
+
 def reset_s3() -> None:
-    req = urllib.request.Request(f"{ENDPOINT}/moto-api/reset", method="POST")
+    req = urllib.request.Request(f"{current_endpoint()}/moto-api/reset", method="POST")
     urllib.request.urlopen(req, timeout=10)
 
 

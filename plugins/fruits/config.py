@@ -3,6 +3,7 @@ can be overridden by an environment variable of the same name (FRUITS_*)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,42 @@ ENGINES = ("tf", "onnx")
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """What the EMR Spark tuning and the run's cost estimate need to know about an EC2 instance type."""
+
+    vcpu: int
+    memory_gib: int
+    ec2_usd_per_hour: float  # on-demand, Linux
+    emr_usd_per_hour: float  # the EMR charge on top of EC2
+
+
+# On-demand list prices in eu-west-3 (Paris), USD per instance-hour, as last checked on 2025-06-01 on the
+# public EC2 and EMR pricing pages (the pipeline never fetches prices). They drift: check them before
+# budgeting, and override without a code change with
+# FRUITS_EMR_PRICES='{"m5.xlarge": [EC2_USD_PER_HOUR, EMR_USD_PER_HOUR], ...}'.
+INSTANCE_TYPES: dict[str, InstanceType] = {
+    "m5.xlarge": InstanceType(4, 16, 0.224, 0.048),
+    "m5.2xlarge": InstanceType(8, 32, 0.448, 0.096),
+    "m5.4xlarge": InstanceType(16, 64, 0.896, 0.192),
+    "r5.xlarge": InstanceType(4, 32, 0.296, 0.063),
+    "c5.2xlarge": InstanceType(8, 16, 0.404, 0.096),
+}
+
+
+def instance_types() -> dict[str, InstanceType]:
+    """The table above, with prices overridden from FRUITS_EMR_PRICES."""
+    table = dict(INSTANCE_TYPES)
+    for name, (ec2, emr) in json.loads(_env("FRUITS_EMR_PRICES", "{}")).items():
+        if name not in table:
+            raise ValueError(
+                f"FRUITS_EMR_PRICES names {name!r}, which has no vCPU/memory entry in config.INSTANCE_TYPES; "
+                "add it there first"
+            )
+        table[name] = InstanceType(table[name].vcpu, table[name].memory_gib, float(ec2), float(emr))
+    return table
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,32 @@ class Settings:
         default_factory=lambda: _env("FRUITS_TEST_BATCH_PATTERN", r"(^|[-_.])test([-_.]|$)")
     )
     report_max_rows: int = field(default_factory=lambda: int(_env("FRUITS_REPORT_MAX_ROWS", "20000")))
+    # EMR (compute=emr): a transient cluster per run. README "Deploying to AWS" explains each value.
+    emr_release: str = field(default_factory=lambda: _env("FRUITS_EMR_RELEASE", "emr-7.12.0"))
+    emr_primary_type: str = field(default_factory=lambda: _env("FRUITS_EMR_PRIMARY_TYPE", "m5.xlarge"))
+    emr_core_type: str = field(default_factory=lambda: _env("FRUITS_EMR_CORE_TYPE", "m5.xlarge"))
+    emr_core_count: int = field(default_factory=lambda: int(_env("FRUITS_EMR_CORE_COUNT", "2")))
+    emr_service_role: str = field(
+        default_factory=lambda: _env("FRUITS_EMR_SERVICE_ROLE", "fruits-emr-service-role")
+    )
+    emr_instance_profile: str = field(
+        default_factory=lambda: _env("FRUITS_EMR_INSTANCE_PROFILE", "fruits-emr-instance-profile")
+    )
+    emr_subnet_id: str = field(default_factory=lambda: _env("FRUITS_EMR_SUBNET_ID", ""))
+    # Backstop if Airflow itself dies: EMR ends a cluster idle this long (the teardown normally ends it).
+    emr_idle_timeout_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_IDLE_TIMEOUT_S", "1800")))
+    # Where the bootstrap action builds the jobs' Python environment on every node.
+    emr_venv: str = field(default_factory=lambda: _env("FRUITS_EMR_VENV", "/opt/fruits/venv"))
+    # Waiting on steps: "reschedule" frees the worker slot between checks and needs no triggerer;
+    # FRUITS_EMR_DEFERRABLE=true hands the wait to the triggerer instead (README); tests use "poke".
+    emr_sensor_mode: str = field(default_factory=lambda: _env("FRUITS_EMR_SENSOR_MODE", "reschedule"))
+    emr_deferrable: bool = field(
+        default_factory=lambda: _env("FRUITS_EMR_DEFERRABLE", "false").lower() in ("1", "true", "yes")
+    )
+    emr_poke_interval_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_POKE_INTERVAL_S", "60")))
+    emr_step_timeout_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_STEP_TIMEOUT_S", "14400")))
+    # EMR copies step logs to the LogUri every few minutes: how long a failed step's diagnostics wait.
+    emr_log_wait_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_LOG_WAIT_S", "330")))
     # PCA defaults (also the UI form's defaults).
     pca_variance_target: float = 0.90
     pca_max_k: int = 256

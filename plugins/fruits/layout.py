@@ -51,6 +51,16 @@ class Layout:
     runs: str = "runs/"
     artifacts: str = "artifacts/"
     reports: str = "reports/"
+    emr_logs: str = "emr-logs/"  # the EMR cluster's LogUri
+
+    def staged_key(self, kind: str, digest: str, name: str) -> str:
+        """What EMR steps read, content-addressed: new content is a new key, so a staged object is never
+        overwritten and an unchanged one is never uploaded twice."""
+        return f"{self.artifacts}{kind}/{digest[:12]}/{name}"
+
+    def emr_step_log(self, cluster_id: str, step_id: str, name: str = "stderr.gz") -> str:
+        """EMR's own layout under the LogUri: LOGURI/CLUSTER_ID/steps/STEP_ID/{stderr,stdout,controller}.gz"""
+        return f"{self.emr_logs}{cluster_id}/steps/{step_id}/{name}"
 
     def onnx_model_key(self, weights_sha256: str) -> str:
         """The ONNX export of one weights version; its manifest (checksums, probe check) is KEY + '.json'."""

@@ -1,0 +1,380 @@
+"""compute=emr end to end, without AWS.
+
+Real: Airflow (dag.test() over the migrated SQLite database) running the DAG, with the amazon provider's
+EmrCreateJobFlowOperator, EmrAddStepsOperator, EmrStepSensor (as fruits.emr.StepWatcher) and
+EmrTerminateJobFlowOperator calling an EMR API over HTTP through the AWS connection's endpoint_url; S3 (a
+moto server on localhost, started in-process by this module); every EMR step's spark-submit, run for real
+on a local Spark over s3a with the real MobileNetV2 weights and Fruits-360 photos; staging, validation,
+ledger and summary, asserted on what is read back from S3.
+
+Emulated: EMR's control plane only: moto's EMR API plus tests/emr_harness.py, which runs each submitted
+step (the step's own argv, made local), sets its state from the real exit code, writes its logs to the
+LogUri, applies ActionOnFailure and KeepJobFlowAliveWhenNoSteps, and checks (does not run) the bootstrap
+action. There is no EC2, YARN, EMRFS or bootstrap install here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import TextIO
+
+import numpy as np
+import pytest
+from conftest import (
+    BUCKET,
+    REPO,
+    WEIGHTS,
+    fresh_bucket,
+    list_keys,
+    read_json,
+    read_parquet,
+    run_dag,
+    s3_hook,
+    sample_files,
+    task_states,
+    upload_sample,
+)
+from emr_harness import EmrHarness
+
+E1, E2, E3 = "emr-b1", "emr-b2-broken-weights", "emr-b3-us"
+BROKEN_WEIGHTS = "test-fixtures/not_really_weights.h5"
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to the stream it replaces and keeps a copy."""
+
+    def __init__(self, stream: TextIO, copy: list[str]) -> None:
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self.copy.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """The task logs of a DAG run, as lines. In dag.test() Airflow prints them (structlog) to stdout or
+    stderr, which are teed here; stdlib log records are kept too."""
+    chunks: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            chunks.append(record.getMessage() + "\n")
+
+    handler, root = Keep(level=logging.INFO), logging.getLogger()
+    root.addHandler(handler)
+    lines: list[str] = []
+    try:
+        with redirect_stdout(_Tee(sys.stdout, chunks)), redirect_stderr(_Tee(sys.stderr, chunks)):
+            yield lines
+    finally:
+        root.removeHandler(handler)
+        lines.extend("".join(chunks).splitlines())
+
+
+def ti_states(dagrun) -> dict[tuple[str, int], str]:
+    """Task states by (task_id, map_index): the step sensor is mapped over the step ids."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(
+            TaskInstance.dag_id == dagrun.dag_id, TaskInstance.run_id == dagrun.run_id
+        )
+        return {(ti.task_id, ti.map_index): str(getattr(ti.state, "value", ti.state)) for ti in tis}
+
+
+def etags(prefix: str) -> dict[str, str]:
+    hook = s3_hook()
+    return {k: hook.head_object(k, BUCKET)["ETag"] for k in list_keys(prefix)}
+
+
+def s3_bytes(uri: str) -> bytes:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return s3_hook().get_key(key, bucket).get()["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def emr(airflow_db) -> Iterator[EmrHarness]:
+    """An in-process moto server (S3 + EMR) that the AWS connection points at, driven by the harness."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    conn = json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])
+    conn["extra"]["endpoint_url"] = endpoint
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
+        env.setenv("FRUITS_EMR_SENSOR_MODE", "poke")  # no triggerer and no rescheduling in dag.test()
+        env.setenv("FRUITS_EMR_POKE_INTERVAL_S", "2")
+        env.setenv("FRUITS_EMR_LOG_WAIT_S", "5")
+        env.setenv("FRUITS_EMR_STEP_TIMEOUT_S", "900")
+        with EmrHarness(endpoint) as harness:
+            fresh_bucket()
+            yield harness
+    server.stop()
+
+
+def clusters_by_id(emr: EmrHarness) -> dict[str, tuple[str, object]]:
+    return {c.id: (region, c) for region, c in emr.clusters()}
+
+
+@pytest.fixture(scope="module")
+def emr_run(emr: EmrHarness):
+    files = sample_files("Training", labels=3, per_label=3)
+    upload_sample(E1, files)
+    with captured_log() as logged:
+        dagrun = run_dag({"compute": "emr"})
+    return {"dagrun": dagrun, "files": files, "log": logged}
+
+
+def test_full_run_on_emr(emr: EmrHarness, emr_run) -> None:
+    dagrun, files = emr_run["dagrun"], emr_run["files"]
+    states = ti_states(dagrun)
+    assert str(dagrun.state).endswith("success"), states
+    assert states[("embed", -1)] == states[("pca", -1)] == "skipped"  # the local branch
+    for task in ("emr.stage_artifacts", "emr.create_cluster", "emr.add_steps", "emr.terminate_cluster"):
+        assert states[(task, -1)] == "success", task
+    assert states[("emr.watch_steps", 0)] == states[("emr.watch_steps", 1)] == "success"  # every step
+    assert states[("validate", -1)] == states[("commit", -1)] == "success"
+
+    # The cluster, as requested of the EMR API.
+    assert len(emr.requests) == 1
+    request, req = emr.requests[0], emr.requests[0]["params"]
+    assert request["region"] == "eu-west-3"
+    assert req["ReleaseLabel"].startswith("emr-7.")
+    assert req["LogUri"] == f"s3://{BUCKET}/emr-logs/"
+    assert req["AutoTerminationPolicy"]["IdleTimeout"] == 1800
+    assert req["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False
+    groups = {
+        g["InstanceRole"]: (g["InstanceType"], g["InstanceCount"]) for g in req["Instances"]["InstanceGroups"]
+    }
+    assert groups == {"MASTER": ("m5.xlarge", 1), "CORE": ("m5.xlarge", 2)}
+    assert [a["Name"] for a in req["Applications"]] == ["Spark"]
+    assert {"Key": "project", "Value": "fruits"} in req["Tags"]
+    (action,) = req["BootstrapActions"]
+    script_uri, (requirements_uri, venv) = (
+        action["ScriptBootstrapAction"]["Path"],
+        action["ScriptBootstrapAction"]["Args"],
+    )
+    assert s3_bytes(script_uri) == (REPO / "bootstrap" / "install_python_deps.sh").read_bytes()
+    assert s3_bytes(requirements_uri) == (REPO / "bootstrap" / "requirements-emr.txt").read_bytes()
+    assert venv == "/opt/fruits/venv"
+
+    (cluster_id,) = clusters_by_id(emr)
+    region, cluster = clusters_by_id(emr)[cluster_id]
+    assert region == "eu-west-3" and cluster.release_label == req["ReleaseLabel"]
+    assert emr.bootstrap_checked[cluster_id] == [script_uri]
+    # Ended, and by the DAG's teardown (EMR's own end after the last step is only a backstop).
+    assert cluster.state == "TERMINATED"
+    assert ("eu-west-3", [cluster_id]) in emr.terminate_calls
+
+    # Both steps were submitted, ran for real (exit code 0) and completed, in order.
+    assert [(s.name, s.state, s.action_on_failure) for s in cluster.steps] == [
+        ("fruits-embed", "COMPLETED", "CANCEL_AND_WAIT"),
+        ("fruits-pca", "COMPLETED", "CANCEL_AND_WAIT"),
+    ]
+    runs = [r for r in emr.step_runs if r.cluster_id == cluster_id]
+    assert [(r.name, r.returncode) for r in runs] == [("fruits-embed", 0), ("fruits-pca", 0)]
+    embed_args = cluster.steps[0].args
+    assert embed_args[:3] == ["spark-submit", "--deploy-mode", "client"]
+    assert (
+        "spark.executor.cores=4" in embed_args
+        and "spark.sql.execution.arrow.maxRecordsPerBatch=32" in embed_args
+    )
+    for step in cluster.steps:  # EMR's log layout, written as the step ran
+        stderr = gzip.decompress(
+            s3_hook().get_key(f"emr-logs/{cluster_id}/steps/{step.id}/stderr.gz", BUCKET).get()["Body"].read()
+        )
+        assert b"SparkContext" in stderr
+
+    # Staging: content-addressed, byte-equal to what is in the repo and to the weights the plan hashed.
+    from fruits.spark_submit import package_jobs
+
+    staged_zip = cluster.steps[0].args[cluster.steps[0].args.index("--py-files") + 1]
+    assert hashlib.sha256(s3_bytes(staged_zip)).hexdigest() == package_jobs(REPO / "spark_jobs")[1]
+    staged_weights = embed_args[embed_args.index("--weights") + 1]
+    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+    assert staged_weights == f"s3://{BUCKET}/artifacts/models/{sha[:12]}/mobilenet_v2_1.0_224_no_top.h5"
+    assert hashlib.sha256(s3_bytes(staged_weights)).hexdigest() == sha
+
+    # The outputs, read back: one 1280-d embedding and one feature row per photo, recorded in the ledger.
+    emb = read_parquet(f"embeddings/batch_id={E1}/")
+    assert emb.num_rows == len(files)
+    assert sorted(emb.column("path").to_pylist()) == sorted(
+        f"s3://{BUCKET}/incoming/{E1}/{p.parent.name}/{p.name}" for p in files
+    )
+    vectors = np.array(emb.column("embedding").to_pylist(), dtype=np.float32)
+    assert vectors.shape == (len(files), 1280) and np.isfinite(vectors).all() and vectors.std() > 0
+    current = read_json("models/pca/CURRENT.json")
+    feats = read_parquet(f"features/pca_version={current['version']}/batch_id={E1}/")
+    assert feats.num_rows == len(files)
+    record = read_json(f"ledger/batches/{E1}.json")
+    assert (record["files"], record["embedded"], record["rejected"]) == (len(files), len(files), 0)
+    assert not list_keys("ledger/claims/")
+
+    # The run's cost, from the cluster's own timeline and instance groups, priced from the config table.
+    from fruits.config import instance_types
+
+    summary_key = next(k for k in list_keys("runs/") if k.endswith("summary.json"))
+    cost = read_json(summary_key)["emr"]
+    price = instance_types()["m5.xlarge"]
+    assert cost["cluster_id"] == cluster_id and cost["final"] is True
+    assert cost["instance_hours"]["m5.xlarge"] == pytest.approx(3 * cost["cluster_hours"], abs=1e-3)
+    assert 0 < cost["cluster_hours"] < 1
+    assert cost["estimated_cost_usd"] == pytest.approx(
+        3 * cost["cluster_hours"] * (price.ec2_usd_per_hour + price.emr_usd_per_hour), abs=1e-3
+    )
+
+
+def test_nothing_new_creates_no_cluster(emr: EmrHarness, emr_run) -> None:
+    before = (len(emr.requests), len(emr.clusters()), len(emr.step_runs))
+    dagrun = run_dag({"compute": "emr"})
+    states = task_states(dagrun)
+    assert str(dagrun.state).endswith("success")
+    assert states["find_new_batches"] == "success"
+    assert states["emr.stage_artifacts"] == states["emr.create_cluster"] == "skipped"
+    assert states["emr.terminate_cluster"] == "skipped"
+    assert (len(emr.requests), len(emr.clusters()), len(emr.step_runs)) == before
+
+
+def test_failed_step_fails_the_run_and_still_terminates(emr: EmrHarness, emr_run) -> None:
+    hook = s3_hook()
+    hook.load_bytes(b"this is not an HDF5 file", BROKEN_WEIGHTS, BUCKET, replace=True)
+    upload_sample(E2, sample_files("Training", labels=2, per_label=1, offset=5))
+    ledger_before = etags("ledger/")
+    model_before = etags("models/pca/CURRENT.json")
+    staged_code_before = etags("artifacts/jobs/") | etags("artifacts/bootstrap/")
+    known = set(clusters_by_id(emr))
+
+    with captured_log() as logged:
+        # engine=tf loads the weights inside the embed step (the onnx engine would fail earlier, while
+        # exporting the model at planning, before any cluster): the step itself must fail.
+        dagrun = run_dag({"compute": "emr", "engine": "tf", "weights_uri": f"s3://{BUCKET}/{BROKEN_WEIGHTS}"})
+    states = ti_states(dagrun)
+    assert str(dagrun.state).endswith("failed")
+    assert states[("emr.watch_steps", 0)] == "failed"  # embed failed
+    assert states[("emr.watch_steps", 1)] == "failed"  # pca was cancelled, and that is watched too
+    assert states[("emr.terminate_cluster", -1)] == "success"
+    assert states[("validate", -1)] == states[("commit", -1)] == "upstream_failed"
+    assert states[("release_claims", -1)] == "success"
+
+    (cluster_id,) = set(clusters_by_id(emr)) - known
+    _, cluster = clusters_by_id(emr)[cluster_id]
+    assert cluster.state == "TERMINATED"
+    assert any(cluster_id in ids for _, ids in emr.terminate_calls)
+    assert [(s.name, s.state) for s in cluster.steps] == [
+        ("fruits-embed", "FAILED"),
+        ("fruits-pca", "CANCELLED"),
+    ]
+    (run,) = [r for r in emr.step_runs if r.cluster_id == cluster_id]  # pca never ran
+    assert run.name == "fruits-embed" and run.returncode != 0
+
+    # Nothing was recorded, nothing half-written is trusted, the batch is free for the next run.
+    assert etags("ledger/") == ledger_before
+    assert etags("models/pca/CURRENT.json") == model_before
+    assert not list_keys(f"embeddings/batch_id={E2}/")
+    assert not list_keys("ledger/claims/")
+    assert etags("artifacts/jobs/") | etags("artifacts/bootstrap/") == staged_code_before  # not re-uploaded
+
+    # The task log explains the failure: EMR's reason and the tail of the step's real stderr.
+    text = "\n".join(logged)
+    embed_step = cluster.steps[0]
+    assert f"EMR step 'fruits-embed' ({embed_step.id}) on cluster {cluster_id} ended FAILED" in text
+    assert "command-runner: spark-submit exited with code" in text
+    assert f"emr-logs/{cluster_id}/steps/{embed_step.id}/stderr.gz" in text
+    stderr = gzip.decompress(
+        s3_bytes(f"s3://{BUCKET}/emr-logs/{cluster_id}/steps/{embed_step.id}/stderr.gz")
+    ).decode()
+    python_errors = [line for line in stderr.splitlines() if re.match(r"\w[\w.]*(Error|Exception): ", line)]
+    assert python_errors and python_errors[-1] in text  # e.g. h5py's "OSError: ... file signature not found"
+    assert "the step never started" in text  # the cancelled pca step
+
+
+def test_non_eu_region_fails_before_creating_anything(emr: EmrHarness) -> None:
+    upload_sample(E3, sample_files("Training", labels=1, per_label=1, offset=7))
+    before = (len(emr.requests), len(emr.clusters()))
+    with captured_log() as logged:
+        dagrun = run_dag({"compute": "emr", "region": "us-east-1", "batch_ids": [E3]})
+    states = task_states(dagrun)
+    assert str(dagrun.state).endswith("failed")
+    assert states["check_params"] == "failed"
+    assert states.get("emr.create_cluster") in (None, "upstream_failed")
+    assert (len(emr.requests), len(emr.clusters())) == before
+    assert not list_keys(f"ledger/claims/{E3}")
+    assert any("region='us-east-1' is outside the EU" in line for line in logged)
+
+
+def test_bootstrap_pins_match_the_lock() -> None:
+    """The cluster installs exactly the versions the tests ran with."""
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    locked = {p["name"]: p["version"] for p in lock["package"]}
+    pins = [
+        line.split("==")
+        for line in (REPO / "bootstrap" / "requirements-emr.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert len(pins) >= 8
+    for name, version in pins:
+        assert locked.get(name) == version, (name, version, locked.get(name))
+
+
+def test_iam_policies_are_scoped_to_the_bucket() -> None:
+    folder = REPO / "bootstrap" / "iam"
+    docs = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    assert {"emr-service-role-trust.json", "emr-instance-role-policy.json", "airflow-policy.json"} <= set(
+        docs
+    )
+    for name, doc in docs.items():
+        for st in doc["Statement"]:
+            actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+            resources = st.get("Resource", [])
+            resources = [resources] if isinstance(resources, str) else resources
+            if any(a.startswith("s3:") for a in actions):  # S3 rights only ever on the pipeline's bucket
+                assert resources and all(r.startswith("arn:aws:s3:::FRUITS_BUCKET") for r in resources), name
+    instance = docs["emr-instance-role-policy.json"]["Statement"]
+    denied = next(s for s in instance if s["Effect"] == "Deny")
+    assert "arn:aws:s3:::FRUITS_BUCKET/models/pca/CURRENT.json" in denied["Resource"]
+    assert "arn:aws:s3:::FRUITS_BUCKET/ledger/*" in denied["Resource"]
+    text = "\n".join(p.read_text() for p in folder.glob("*.json"))
+    assert "AKIA" not in text and "aws_secret" not in text.lower()
+
+
+def test_emr_tuning_fits_the_instance() -> None:
+    """Executor heap + overhead fit YARN's share of the node, with a TF worker's memory per core."""
+    from fruits.config import instance_types
+    from fruits.tuning import TF_WORKER_BASE_MB, TF_WORKER_MB_PER_IMAGE, YARN_SHARE, emr_tuning
+
+    for name, kind in instance_types().items():
+        try:
+            conf = emr_tuning(name, "m5.xlarge", "/opt/fruits/venv/bin/python").conf()
+        except ValueError as exc:
+            assert "too little memory per core" in str(exc)
+            continue
+        cores = int(conf["spark.executor.cores"])
+        heap, overhead = (
+            int(conf[k].removesuffix("m")) for k in ("spark.executor.memory", "spark.executor.memoryOverhead")
+        )
+        batch = int(conf["spark.sql.execution.arrow.maxRecordsPerBatch"])
+        assert cores == kind.vcpu
+        assert heap + overhead <= kind.memory_gib * 1024 * YARN_SHARE
+        assert overhead / cores >= TF_WORKER_BASE_MB + TF_WORKER_MB_PER_IMAGE * batch
