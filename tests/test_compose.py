@@ -162,6 +162,12 @@ def test_environment_the_dag_reads(compose):
             minio_env["MINIO_ROOT_USER"],
             minio_env["MINIO_ROOT_PASSWORD"],
         )
+        # Executors (on the worker) use s3a with the environment credentials provider, as the driver does.
+        worker_env = env_of(services["spark-worker"])
+        assert (worker_env["AWS_ACCESS_KEY_ID"], worker_env["AWS_SECRET_ACCESS_KEY"]) == (
+            conn["login"],
+            conn["password"],
+        )
 
         # The compute: the Spark master the spark-master service runs, with the job paths as mounted.
         master = env["FRUITS_SPARK_MASTER"]
