@@ -378,3 +378,21 @@ def test_emr_tuning_fits_the_instance() -> None:
         assert cores == kind.vcpu
         assert heap + overhead <= kind.memory_gib * 1024 * YARN_SHARE
         assert overhead / cores >= TF_WORKER_BASE_MB + TF_WORKER_MB_PER_IMAGE * batch
+
+
+def test_cluster_end_is_a_teardown_and_every_step_is_watched(airflow_db) -> None:
+    """The shape that keeps clusters from leaking: terminate is create's teardown (it runs after a failure
+    and after a run marked failed by hand), and the sensor is mapped over every id add_steps returns."""
+    from airflow.sdk import TriggerRule
+    from conftest import get_dag
+
+    dag = get_dag()
+    create, add = dag.get_task("emr.create_cluster"), dag.get_task("emr.add_steps")
+    terminate, watch = dag.get_task("emr.terminate_cluster"), dag.get_task("emr.watch_steps")
+    assert create.is_setup and terminate.is_teardown
+    assert terminate.trigger_rule == TriggerRule.ALL_DONE_SETUP_SUCCESS
+    assert create.task_id in terminate.upstream_task_ids and watch.task_id in terminate.upstream_task_ids
+    (mapped_over,) = watch.expand_input.value.values()
+    assert mapped_over.operator.task_id == add.task_id  # all step ids, not the first one only
+    assert dag.get_task("validate").trigger_rule == TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
+    assert {"emr.watch_steps", "pca"} <= dag.get_task("validate").upstream_task_ids
