@@ -30,6 +30,7 @@ import gzip
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -106,6 +107,7 @@ class EmrHarness:
         self._thread.join(timeout=30)
         for obj, name, original in reversed(self._undo):
             setattr(obj, name, original)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _set(self, obj: Any, name: str, value: Any) -> None:
         self._undo.append((obj, name, obj.__dict__[name]))
