@@ -63,7 +63,11 @@ def test_every_file_is_embedded_or_rejected_with_its_reason(hostile_run):
     assert vectors.shape == (len(embedded), 1280) and np.isfinite(vectors).all()
 
     record = hostile_run["ledger"]
-    assert (record["files"], record["embedded"], record["rejected"]) == (len(expect), len(embedded), len(rejected))
+    assert (record["files"], record["embedded"], record["rejected"]) == (
+        len(expect),
+        len(embedded),
+        len(rejected),
+    )
     assert record["ignored_hidden_files"] == [f"incoming/{BATCH}/Banana/.DS_Store"]
 
 
@@ -93,7 +97,8 @@ def test_forced_rerun_is_idempotent(hostile_run):
     assert after_emb.column("path").equals(before_emb.column("path"))
     assert after_emb.column("content_sha256").equals(before_emb.column("content_sha256"))
     np.testing.assert_array_equal(
-        np.array(after_emb.column("embedding").to_pylist()), np.array(before_emb.column("embedding").to_pylist())
+        np.array(after_emb.column("embedding").to_pylist()),
+        np.array(before_emb.column("embedding").to_pylist()),
     )
     assert after_rej.equals(before_rej)
     assert after_feat.num_rows == before_feat.num_rows
