@@ -48,12 +48,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weights", required=True, help='Keras .h5 path or URI, or "imagenet"')
     p.add_argument("--engine", choices=ENGINES, default="tf")
     p.add_argument("--onnx-model", help="ONNX export of the same weights (engine=onnx)")
-    p.add_argument("--threads-per-task", type=int, default=1)
+    p.add_argument(
+        "--threads-per-task", type=int, help="engine threads per Spark task (default: spark.task.cpus)"
+    )
     p.add_argument("--metrics-out", help="URI of a JSON file with counts and timings")
     args = p.parse_args(argv)
     if args.engine == "onnx" and not args.onnx_model:
         p.error("--engine onnx needs --onnx-model")
-    if args.threads_per_task < 1:
+    if args.threads_per_task is not None and args.threads_per_task < 1:
         p.error("--threads-per-task must be >= 1")
     return args
 
@@ -185,7 +187,9 @@ def main(argv: list[str]) -> int:
     weights_sha = "imagenet" if model_file == "imagenet" else file_sha256(SparkFiles.get(model_file))
     mid = model_id(weights_sha if weights_sha != "imagenet" else "keras-imagenet")
     engine_file = model_file if args.engine == "tf" else localise(spark, args.onnx_model)
-    log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, args.threads_per_task)
+    # One engine thread per core the task holds: more oversubscribes the cores, fewer leaves them idle.
+    threads = args.threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
+    log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, threads)
 
     files, manifest = read_inputs(spark, args.input_root, args.batches, args.manifest)
     total = manifest.count()  # the plan's listing: counting the scan would cost S3 requests per file
@@ -194,7 +198,7 @@ def main(argv: list[str]) -> int:
     )
 
     counter = spark.sparkContext.accumulator(0)
-    udf = make_embed_udf(args.engine, engine_file, args.threads_per_task, counter)
+    udf = make_embed_udf(args.engine, engine_file, threads, counter)
     returned = (
         files.withColumn("content_sha256", F.sha2("content", 256))
         .withColumn("r", F.when(F.col("reason").isNull(), udf(F.col("content"))))

@@ -164,7 +164,12 @@ def model_id_for(weights_sha: str) -> str:
 
 
 def build_plan(
-    catalog: Catalog, p: RunParams, batches: list[str], run_id: str, s: Settings, threads: int = 1
+    catalog: Catalog,
+    p: RunParams,
+    batches: list[str],
+    run_id: str,
+    s: Settings,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     layout: Layout = catalog.layout
     ledger = catalog.ledger()

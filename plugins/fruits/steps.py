@@ -24,7 +24,7 @@ def embed_args(
     batches: list[str],
     weights_uri: str,
     engine: str,
-    threads: int,
+    threads: int | None,
     onnx_uri: str | None,
     run_prefix: str,
 ) -> list[str]:
@@ -42,11 +42,11 @@ def embed_args(
         weights_uri,
         "--engine",
         engine,
-        "--threads-per-task",
-        str(threads),
         "--metrics-out",
         layout.uri(f"{run_prefix}embed.json"),
     ]
+    if threads:  # otherwise the job uses spark.task.cpus, which the Spark tuning derives from the cores
+        args += ["--threads-per-task", str(threads)]
     if onnx_uri:
         args += ["--onnx-model", onnx_uri]
     return args
