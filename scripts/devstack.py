@@ -253,10 +253,10 @@ def demo(data: Path, batch_id: str | None) -> None:
             )
         for path, _ in reports:
             print(f"Run report: {path}")
-        print(json.dumps(summary))
     finally:
         if started_s3:
             s3_stop()
+    print(json.dumps(summary))  # last: the one line a script reads
 
 
 def main() -> None:
