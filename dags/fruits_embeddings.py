@@ -48,7 +48,7 @@ def _catalog() -> cat.Catalog:
 PARAMS = {
     "batch_ids": Param(
         [],
-        type="array",
+        type=["array", "null"],  # null: optional in the trigger form
         items={"type": "string"},
         description="Batches to process (folder names under incoming/). Empty: every ready, "
         "unprocessed batch.",
