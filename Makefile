@@ -8,6 +8,7 @@ VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 UV := $(CURDIR)/.tools/bin/uv
 JARS := $(CURDIR)/.cache/jars
+BLAS := $(CURDIR)/.cache/blas
 S3_PORT ?= 5055
 DATA ?= $(abspath ../shared/data/fruits360-sample/Training)
 UI_PORT ?= 8080
@@ -28,11 +29,12 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup venv jars demo test lint clean s3-start s3-stop up down chromium
+.PHONY: help setup venv jars blas demo test bench lint clean s3-start s3-stop up down chromium
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
 	@echo "make lint                 ruff"
+	@echo "make bench [BENCH_ARGS=--curve]   embed job vs the model's own speed, PCA refit, no-op run (JSON last)"
 	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
 	@echo "make down                 stop everything make up started"
 
@@ -60,13 +62,29 @@ $(JARS)/.ok: | $(UV)
 
 jars: $(JARS)/.ok
 
-setup: venv jars
+# Native BLAS/LAPACK for Spark ML's PCA fit: Debian's OpenBLAS, unpacked into .cache/blas (nothing is
+# installed system-wide). Optional: where it cannot be had, Spark ML falls back to its Java BLAS.
+$(BLAS)/.ok:
+	@echo "==> fetching OpenBLAS for Spark ML (optional, about 5 s)"
+	@rm -rf $(BLAS) && mkdir -p $(BLAS)/dl && cd $(BLAS)/dl && \
+	  { apt-get download libopenblas0-pthread libgfortran5 libquadmath0 >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -qq >/dev/null 2>&1 && apt-get download libopenblas0-pthread libgfortran5 libquadmath0 >/dev/null 2>&1; }; } && \
+	  for deb in *.deb; do dpkg-deb -x $$deb $(BLAS); done && rm -rf $(BLAS)/dl && touch $@ || \
+	  { rm -rf $(BLAS); echo "==> OpenBLAS not available here: Spark ML keeps its Java BLAS (slower PCA fit)"; }
+
+blas:
+	@[ -f $(BLAS)/.ok ] || $(MAKE) --no-print-directory $(BLAS)/.ok
+
+setup: venv jars blas
 
 demo: setup
 	@$(BIN)/python scripts/devstack.py demo --data "$(DATA)"
 
 test: setup chromium
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 lint: venv
 	@$(BIN)/ruff check . && $(BIN)/ruff format --check .

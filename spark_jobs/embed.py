@@ -288,6 +288,9 @@ def main(argv: list[str]) -> int:
         "action_seconds": round(written - action_started, 3),
         "compute_seconds": round(computed - action_started, 3),
         "write_seconds": round(written - computed, 3),
+        "action_window_unix": [
+            round(time.time() - (time.monotonic() - t), 3) for t in (action_started, written)
+        ],
         "images_per_s": round(total / seconds, 2) if seconds else None,
     }
     log.info("done: %d files, %d embedded, %d rejected in %.1f s", total, embedded, total - embedded, seconds)

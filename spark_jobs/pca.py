@@ -107,11 +107,12 @@ def scree_png(explained: list[float], cumulative: list[float], k: int, target: f
     return buf.getvalue()
 
 
-def fit(spark: SparkSession, args: argparse.Namespace) -> dict:
-    frame = read_embeddings(spark, args.embeddings_root, args.fit_batches)
+def fit(spark: SparkSession, args: argparse.Namespace, cached: DataFrame | None = None) -> dict:
+    """Fit and save version V; `cached` is the fit batches' embeddings when main already holds them."""
+    frame = cached if cached is not None else read_embeddings(spark, args.embeddings_root, args.fit_batches)
     if frame is None:
         raise SystemExit("pca: nothing to fit on: the fit batches have no embeddings (all files rejected?)")
-    data = frame.select("vec").cache()
+    data = frame.select("vec") if cached is not None else frame.select("vec").cache()
     n_rows = data.count()
     if n_rows < 2:
         raise SystemExit(f"pca: cannot fit on {n_rows} row(s); add images or fix --fit-batch")
@@ -125,7 +126,8 @@ def fit(spark: SparkSession, args: argparse.Namespace) -> dict:
         ]
     )
     model = pipeline.fit(data)
-    data.unpersist()
+    if cached is None:
+        data.unpersist()
     explained = [float(v) for v in model.stages[-1].explainedVariance]
     cumulative = []
     total = 0.0
@@ -171,12 +173,17 @@ def main(argv: list[str]) -> int:
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
     started = time.monotonic()
-    meta = fit(spark, args) if args.fit else load(spark, args)
+    cached = None
+    if args.fit and set(args.fit_batches) == set(args.batches):
+        # A refit transforms exactly what it fits on: read the embeddings from S3 once, keep them cached.
+        cached = read_embeddings(spark, args.embeddings_root, args.batches)
+        cached = cached.drop("embedding").cache() if cached is not None else None
+    meta = fit(spark, args, cached) if args.fit else load(spark, args)
     fit_s = time.monotonic() - started
     model = PipelineModel.load(f"{args.model_root.rstrip('/')}/{args.version}/spark_model")
     k = int(meta["k"])
 
-    embeddings = read_embeddings(spark, args.embeddings_root, args.batches)
+    embeddings = cached if cached is not None else read_embeddings(spark, args.embeddings_root, args.batches)
     out = f"{args.features_root.rstrip('/')}/pca_version={args.version}"
     rows, written = 0, set()
     if embeddings is not None:

@@ -90,6 +90,10 @@ class Settings:
         default_factory=lambda: Path(_env("FRUITS_SPARK_JARS_DIR", str(REPO_ROOT / ".cache" / "jars")))
     )
     spark_python: str = field(default_factory=lambda: _env("FRUITS_SPARK_PYTHON", sys.executable))
+    # OpenBLAS for Spark ML (the PCA fit), unpacked here by `make blas`; without it Spark uses Java BLAS.
+    native_blas_dir: Path = field(
+        default_factory=lambda: Path(_env("FRUITS_NATIVE_BLAS_DIR", str(REPO_ROOT / ".cache" / "blas")))
+    )
     jobs_dir: Path = field(
         default_factory=lambda: Path(_env("FRUITS_JOBS_DIR", str(REPO_ROOT / "spark_jobs")))
     )

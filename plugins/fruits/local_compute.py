@@ -55,7 +55,7 @@ def run_local_step(
     tuning: SparkTuning | None = None,
 ) -> None:
     """`tuning` defaults to the one derived from this machine's cores; the bench passes others."""
-    tuning = tuning or local_tuning(s.spark_master)
+    tuning = tuning or local_tuning(s.spark_master, native_blas=s.native_blas_dir)
     s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
     bundle = local_bundle(s.jobs_dir, s.work_dir)
     spark_submit = str(Path(s.spark_python).parent / "spark-submit")
@@ -67,4 +67,4 @@ def run_local_step(
         master=tuning.master,
         spark_submit=spark_submit,
     )
-    run_spark_submit(argv, env, logger)
+    run_spark_submit(argv, {**env, **tuning.env}, logger)

@@ -1,16 +1,32 @@
-"""Spark settings derived from the cores at hand, so nothing about parallelism is hard-coded.
+"""Spark settings derived from the cores (and memory) at hand, so nothing about parallelism is hard-coded.
 
-Reasoning (measured figures in docs/performance.md): one Spark task per core, each running the model on
-one intra-op thread, beats fewer tasks with more threads each, because decoding is single-threaded
-Python and runs in the same task. The Arrow batch bounds the memory a Python worker holds at once.
+Both backends go through `task_shape`: the local one with this machine's cores, EMR with a core node's
+vCPUs. The reasoning and the measured curve (images/s against the Arrow batch and threads per task) are
+in docs/performance.md; in short:
+
+- One Spark task per core, each running the engine on one intra-op thread (spark.task.cpus = 1; the job
+  takes its thread count from it). Decoding is single-threaded Python inside the same task, so a task
+  with two threads leaves a core idle while it decodes, and letting every task use every core (what
+  unpinned TensorFlow does) oversubscribes them.
+- The Arrow batch bounds the photos, and the activations, a Python worker holds at once; past a few dozen
+  images a bigger batch is not faster.
+- Input splits: Spark packs small files into one task until their size plus an "open cost" per file
+  reaches maxPartitionBytes. With a 1 MB open cost a task gets about 128 small photos (fewer large ones):
+  enough to amortise a task's start, small enough to keep every core busy until the end. At least
+  MIN_TASKS_PER_CORE tasks per core, so that a small batch still uses every core.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-ARROW_BATCH = 64  # images per Arrow batch: 64 x 224 x 224 x 3 float32 is about 38 MB per worker
+ARROW_BATCH = 64  # images per Arrow batch, at most: 64 x 224 x 224 x 3 float32 is about 38 MB per worker
+THREADS_PER_TASK = 1
+FILE_OPEN_COST_BYTES = 1 << 20
+MAX_PARTITION_BYTES = 128 << 20
+MIN_TASKS_PER_CORE = 2
 
 
 @dataclass(frozen=True)
@@ -20,6 +36,7 @@ class SparkTuning:
     threads_per_task: int
     arrow_batch: int
     extra: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)  # for a local spark-submit's JVM
 
     def conf(self) -> dict[str, str]:
         return {
@@ -31,16 +48,83 @@ class SparkTuning:
         }
 
 
-def local_tuning(master: str = "local[*]", cores: int | None = None) -> SparkTuning:
+@dataclass(frozen=True)
+class TaskShape:
+    task_cpus: int
+    threads_per_task: int
+    arrow_batch: int
+    conf: dict[str, str]
+
+
+def task_shape(cores: int, worker_mb: float, executors: int | None = 1) -> TaskShape:
+    """What both backends derive from a node's cores and the memory each Python worker may use.
+
+    `executors` is how many such nodes run tasks (None when unknown until run time: Spark then takes
+    its default parallelism). Raises ValueError when a worker cannot hold 8 images."""
+    fits = int((worker_mb / WORKER_HEADROOM - TF_WORKER_BASE_MB) / TF_WORKER_MB_PER_IMAGE)
+    if fits < 8:
+        raise ValueError(
+            f"{worker_mb:.0f} MB per Python worker is too little memory per core for a TensorFlow worker "
+            "(about 1 GB each)"
+        )
+    conf = {
+        "spark.sql.files.openCostInBytes": str(FILE_OPEN_COST_BYTES),
+        "spark.sql.files.maxPartitionBytes": str(MAX_PARTITION_BYTES),
+    }
+    if executors:
+        conf["spark.sql.files.minPartitionNum"] = str(MIN_TASKS_PER_CORE * cores * executors)
+    return TaskShape(
+        task_cpus=THREADS_PER_TASK,
+        threads_per_task=THREADS_PER_TASK,
+        arrow_batch=min(ARROW_BATCH, 1 << (fits.bit_length() - 1)),
+        conf=conf,
+    )
+
+
+def _memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+
+
+def native_blas_conf(folder: Path | None) -> dict[str, str]:
+    """Spark ML's BLAS/LAPACK from OpenBLAS unpacked in `folder` (`make blas`), when it is there. The PCA
+    fit's covariance and eigen-decomposition are several times faster than with the Java fallback. One
+    OpenBLAS thread per call (see local_tuning): the tasks already run one per core."""
+    lib = folder / "usr" / "lib" / "x86_64-linux-gnu" if folder else None
+    if lib is None or not (lib / "openblas-pthread" / "libblas.so.3").exists():
+        return {}
+    return {
+        "spark.driver.extraLibraryPath": f"{lib}:{lib / 'openblas-pthread'}",
+        "spark.driver.extraJavaOptions": (
+            f"-Ddev.ludovic.netlib.blas.nativeLibPath={lib / 'openblas-pthread' / 'libblas.so.3'} "
+            f"-Ddev.ludovic.netlib.lapack.nativeLibPath={lib / 'openblas-pthread' / 'liblapack.so.3'}"
+        ),
+    }
+
+
+def local_tuning(
+    master: str = "local[*]", cores: int | None = None, native_blas: Path | None = None
+) -> SparkTuning:
+    """Local Spark: the driver JVM is the executor. A quarter of the RAM goes to it (2 to 8 GB), so that
+    the PCA fit's cache stays in memory; half of the rest is shared by the Python workers, one per core."""
     cores = cores or os.cpu_count() or 1
     if master == "local[*]":
         master = f"local[{cores}]"
+    driver_mb = min(8192, max(2048, _memory_mb() // 4))
+    shape = task_shape(cores, (_memory_mb() - driver_mb) / (2 * cores))
     return SparkTuning(
         master=master,
-        task_cpus=1,
-        threads_per_task=1,
-        arrow_batch=ARROW_BATCH,
-        extra={"spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"},
+        task_cpus=shape.task_cpus,
+        threads_per_task=shape.threads_per_task,
+        arrow_batch=shape.arrow_batch,
+        extra={
+            **shape.conf,
+            **native_blas_conf(native_blas),
+            "spark.driver.memory": f"{driver_mb}m",
+            "spark.ui.showConsoleProgress": "false",
+        },
+        # Measured on the PCA refit: OpenBLAS's own threads on top of one task per core cost a third more
+        # CPU and 20% more time.
+        env={"OPENBLAS_NUM_THREADS": "1"},
     )
 
 
@@ -87,20 +171,21 @@ def emr_tuning(core_type: str, primary_type: str, python: str) -> SparkTuning:
     container_mb = int(core.memory_gib * 1024 * YARN_SHARE) - AM_RESERVE_MB
     overhead_mb = container_mb - EXECUTOR_HEAP_MB
     per_worker_mb = (overhead_mb - JVM_OFF_HEAP_MB) / core.vcpu
-    fits = int((per_worker_mb / WORKER_HEADROOM - TF_WORKER_BASE_MB) / TF_WORKER_MB_PER_IMAGE)
-    if fits < 8:
+    try:
+        shape = task_shape(core.vcpu, per_worker_mb, executors=None)  # executors come and go on YARN
+    except ValueError:
         raise ValueError(
             f"{core_type} has {core.memory_gib} GiB for {core.vcpu} vCPUs: too little memory per core for "
             "a TensorFlow worker (about 1 GB each). Use an m5 or r5 type."
-        )
-    arrow_batch = min(ARROW_BATCH, 1 << (fits.bit_length() - 1))
+        ) from None
     driver_mb = min(4096, primary.memory_gib * 1024 // 4)
     return SparkTuning(
         master=None,  # YARN, from the cluster's spark-defaults
-        task_cpus=1,
-        threads_per_task=1,
-        arrow_batch=arrow_batch,
+        task_cpus=shape.task_cpus,
+        threads_per_task=shape.threads_per_task,
+        arrow_batch=shape.arrow_batch,
         extra={
+            **shape.conf,
             "spark.executor.cores": str(core.vcpu),
             "spark.executor.memory": f"{EXECUTOR_HEAP_MB}m",
             "spark.executor.memoryOverhead": f"{overhead_mb}m",
