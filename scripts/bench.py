@@ -377,6 +377,7 @@ def curve(catalog, s, base, engines: list[str], cores: int, batch_sizes: list[in
     layouts = sorted({(1, 1), (cores, cores), (1, cores)})  # (spark.task.cpus, threads per task)
     points = []
     for engine in engines:
+        run_embed(catalog, s, engine, f"curve-{engine}-warmup", tuning=base)
         for task_cpus, threads in layouts:
             for arrow in batch_sizes:
                 tuning = replace(base, task_cpus=task_cpus, threads_per_task=threads, arrow_batch=arrow)
@@ -422,7 +423,7 @@ def main() -> int:
     engines = [e for e in (args.engines or s.engine).split(",") if e]
     default_engine = s.engine
     cores = os.cpu_count() or 1
-    tuning = local_tuning(s.spark_master)
+    tuning = local_tuning(s.spark_master, native_blas=s.native_blas_dir)  # as run_local_step
     if args.conf:
         tuning = replace(tuning, extra={**tuning.extra, **dict(c.split("=", 1) for c in args.conf)})
     out: dict[str, Any] = {}
