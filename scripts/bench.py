@@ -6,7 +6,8 @@ It starts its own moto S3 server on a free port and its own Airflow home, then m
 images and the same machine:
 
 - decode_images_per_s  Pillow decode + resize to 224x224 (fruits_jobs.imaging), one process, one core.
-- raw_images_per_s     the engine alone on pre-decoded tensors in one process, best thread count.
+- raw_images_per_s     the engine alone on pre-decoded tensors in one process, at its best thread count
+                       and batch size (1..cores threads x RAW_BATCHES): the model's ceiling here.
 - job_images_per_s     the real embed Spark job (plan from plugins/fruits/plan.py, spark-submit through
                        plugins/fruits/local_compute.py, images read from S3), from its action until both
                        Parquet tables are written, after one warm-up run of the same job.
@@ -19,7 +20,7 @@ Images: the shared Fruits-360 sample (Training + Test) replicated until there ar
 copy gets a JPEG comment segment (FF FE) after the start-of-image marker naming the copy, so every file has
 distinct bytes (and SHA-256) while its pixels, hence decode and model cost, are those of the original.
 
-With --curve it also runs the job over a grid of Arrow batch sizes and threads per task (the tuning
+With --curve it also runs the job over a grid of model batch sizes and threads per task (the tuning
 curve in docs/performance.md). Human-readable figures first; the last line is one JSON object.
 """
 
@@ -46,6 +47,7 @@ SAMPLE = REPO.parent / "shared" / "data" / "fruits360-sample"
 BUCKET = "fruits-bench"
 BATCH = "bench-replicated"
 SYNTHETIC_BATCH = "synthetic-100k"
+RAW_BATCHES = (8, 16, 32, 64)
 
 
 def _free_port() -> int:
@@ -295,16 +297,24 @@ def spark_log(name: str):
 
 # --- the real embed job ---------------------------------------------------------------------------------
 def run_embed(
-    catalog, s, engine: str, run_id: str, tuning=None, threads: int | None = None
+    catalog,
+    s,
+    engine: str,
+    run_id: str,
+    tuning=None,
+    threads: int | None = None,
+    model_batch: int | None = None,
 ) -> dict[str, Any]:
-    """Plan (manifest, ONNX staging) and spark-submit exactly as the DAG does; returns the job's metrics."""
+    """Plan (manifest, ONNX staging) and spark-submit exactly as the DAG does; returns the job's metrics.
+    `model_batch` overrides the job's photos per engine call (the curve only)."""
     from fruits import plan as planning
     from fruits.local_compute import run_local_step
 
     params = planning.parse_params({"engine": engine, "batch_ids": [BATCH]}, s)
     kwargs = {"threads": threads} if threads else {}
     plan = planning.build_plan(catalog, params, [BATCH], run_id, s, **kwargs)
-    run_local_step("embed", plan["embed_args"], s, spark_log(run_id), tuning=tuning)
+    extra = ["--model-batch", str(model_batch)] if model_batch else []
+    run_local_step("embed", plan["embed_args"] + extra, s, spark_log(run_id), tuning=tuning)
     metrics = catalog.read_json(f"{plan['run_prefix']}embed.json")
     assert metrics is not None
     return metrics
@@ -372,22 +382,23 @@ def noop_dag_run() -> tuple[float, str, dict[str, str]]:
 
 
 def curve(catalog, s, base, engines: list[str], cores: int, batch_sizes: list[int]) -> list[dict[str, Any]]:
-    """The embed job over Arrow batch sizes and thread layouts: tasks x threads per task = cores (pinned),
-    plus every task using every core (the unpinned layout of common implementations)."""
+    """The embed job over model batch sizes (photos per engine call) and thread layouts: tasks x threads
+    per task = cores (pinned), plus every task using every core (the unpinned layout of common
+    implementations). The Arrow batch stays the tuning's: it only carries paths in and vectors out."""
     layouts = sorted({(1, 1), (cores, cores), (1, cores)})  # (spark.task.cpus, threads per task)
     points = []
     for engine in engines:
         run_embed(catalog, s, engine, f"curve-{engine}-warmup", tuning=base)
         for task_cpus, threads in layouts:
-            for arrow in batch_sizes:
-                tuning = replace(base, task_cpus=task_cpus, threads_per_task=threads, arrow_batch=arrow)
-                name = f"curve-{engine}-c{task_cpus}-t{threads}-b{arrow}"
-                m = run_embed(catalog, s, engine, name, tuning=tuning, threads=threads)
+            for batch in batch_sizes:
+                tuning = replace(base, task_cpus=task_cpus, threads_per_task=threads)
+                name = f"curve-{engine}-c{task_cpus}-t{threads}-b{batch}"
+                m = run_embed(catalog, s, engine, name, tuning=tuning, threads=threads, model_batch=batch)
                 point = {
                     "engine": engine,
                     "concurrent_tasks": cores // task_cpus,
                     "threads_per_task": threads,
-                    "arrow_batch": arrow,
+                    "model_batch": batch,
                     "images_per_s": round(m["files"] / m["action_seconds"], 1),
                     "load_1min": load_avg(),
                 }
@@ -401,8 +412,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=5040)
     ap.add_argument("--engines", default="", help="engines for the job (default: the default engine only)")
     ap.add_argument("--skip", default="", help="comma list of: noop,decode,raw,job,pca")
-    ap.add_argument("--curve", action="store_true", help="also run the Arrow batch x threads grid")
-    ap.add_argument("--curve-batches", default="16,64,256")
+    ap.add_argument("--curve", action="store_true", help="also run the model batch x threads grid")
+    ap.add_argument("--curve-batches", default="8,32,64")
     ap.add_argument("--conf", action="append", default=[], help="KEY=VALUE added to every spark-submit")
     args = ap.parse_args()
     _configure_env()
@@ -478,18 +489,19 @@ def main() -> int:
             out["decode_images_per_s"] = round(rate, 1)
             say(f"decode + resize to 224x224 (one core): {rate:.1f} img/s")
 
-        raw: dict[str, dict[int, float]] = {}
+        raw: dict[str, dict[str, float]] = {}
         if "raw" not in skip:
             tensors = BENCH_HOME / "tensors.npy"
             np.save(tensors, imaging.preprocess(np.stack([imaging.decode_rgb224(b) for b in sample[:512]])))
             for engine in sorted(set(engines) | {default_engine}):
                 raw[engine] = {}
                 for threads in range(1, cores + 1):
-                    rate = raw_speed(engine, model_paths[engine], threads, tuning.arrow_batch, tensors)
-                    raw[engine][threads] = round(rate, 1)
-                    say(f"raw {engine}, {threads} thread(s), batch {tuning.arrow_batch}: {rate:.1f} img/s")
+                    for batch in RAW_BATCHES:
+                        rate = raw_speed(engine, model_paths[engine], threads, batch, tensors)
+                        raw[engine][f"{threads}x{batch}"] = round(rate, 1)
+                        say(f"raw {engine}, {threads} thread(s), batch {batch}: {rate:.1f} img/s")
             tensors.unlink()
-            extra["raw_by_engine_threads"] = raw
+            extra["raw_by_engine_threads_x_batch"] = raw
 
         jobs: dict[str, dict[str, Any]] = {}
         if "job" not in skip:
@@ -535,7 +547,7 @@ def main() -> int:
         if default_engine in raw:
             best = max(raw[default_engine], key=lambda t: raw[default_engine][t])
             out["raw_images_per_s"] = raw[default_engine][best]
-            extra["raw_best_threads"] = best
+            extra["raw_best_threads_x_batch"] = best
             if "job_images_per_s" in out:
                 out["efficiency"] = round(out["job_images_per_s"] / out["raw_images_per_s"], 3)
 

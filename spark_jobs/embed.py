@@ -9,19 +9,21 @@ Runs the same way locally (s3a://) and on EMR (s3://). Imports nothing from Airf
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from fruits_jobs import imaging, sparkio
-from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, file_sha256, get_engine, model_id
+from fruits_jobs import imaging, objects, sparkio
+from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, MODEL_BATCH, file_sha256, get_engine, model_id
 from pyspark import SparkFiles, StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -29,11 +31,15 @@ log = sparkio.get_logger("fruits.embed")
 
 # About 100 MB of float32 vectors per Parquet file.
 ROWS_PER_FILE = 20_000
+# Photos per Spark task: enough to amortise a task's start, few enough to keep every core busy to the end.
+IMAGES_PER_TASK = 256
 EMBEDDINGS_SCHEMA = "batch_id, path, label, content_sha256, size_bytes, embedding, model_id, engine"
 UDF_SCHEMA = T.StructType(
     [
         T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False)),
         T.StructField("error", T.StringType()),
+        T.StructField("content_sha256", T.StringType()),
+        T.StructField("size_bytes", T.LongType()),
     ]
 )
 
@@ -52,6 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--threads-per-task", type=int, help="engine threads per Spark task (default: spark.task.cpus)"
     )
     p.add_argument("--metrics-out", help="URI of a JSON file with counts and timings")
+    p.add_argument("--model-batch", type=int, help="photos per engine call (default: per engine)")
+    p.add_argument("--s3-region", default="eu-west-3", help="region of the bucket the photos are in")
     args = p.parse_args(argv)
     if args.engine == "onnx" and not args.onnx_model:
         p.error("--engine onnx needs --onnx-model")
@@ -68,90 +76,110 @@ def localise(spark: SparkSession, uri: str) -> str:
     return os.path.basename(uri.rstrip("/"))
 
 
-def make_embed_udf(engine: str, model_file: str, threads: int, counter):
-    """The Iterator pandas UDF: the engine is fetched once per worker and reused for every Arrow batch."""
+def make_embed_udf(engine: str, model_file: str, threads: int, model_batch: int, counter, s3):
+    """The Iterator pandas UDF, from (path, size) to embeddings. The engine and the S3 reader are built
+    once per worker and reused for every Arrow batch. GETs run ahead in the reader's threads; decoding
+    and the model run in the task's own thread, `model_batch` photos per call (a small batch keeps the
+    activations in cache: see docs/performance.md), whatever the Arrow batch."""
 
     @F.pandas_udf(UDF_SCHEMA)
-    def embed(contents: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    def embed(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         model_path = model_file if model_file == "imagenet" else SparkFiles.get(model_file)
         forward = get_engine(engine, model_path, threads)
-        for content in contents:
-            n = len(content)
-            errors: list[str | None] = [None] * n
-            pixels: list[np.ndarray] = []
-            ok_rows: list[int] = []
-            for i, data in enumerate(content):
-                try:
-                    pixels.append(imaging.decode_rgb224(data))
-                    ok_rows.append(i)
-                except imaging.RejectedImage as reject:
-                    errors[i] = str(reject)
-            vectors: list[np.ndarray | None] = [None] * n
-            if pixels:
-                out = forward(imaging.preprocess(np.stack(pixels)))
-                for row, vec in zip(ok_rows, out, strict=True):
-                    vectors[row] = vec.astype(np.float32, copy=False)
-            counter.add(n)
-            yield pd.DataFrame({"embedding": vectors, "error": errors})
+        reader = objects.Reader(s3)
+        sizes: deque[int] = deque()  # rows per Arrow batch, in order, as the read-ahead pulls them
+
+        def files() -> Iterator[tuple[str, int]]:
+            for paths, size_bytes in batches:
+                sizes.append(len(paths))
+                yield from zip(paths, size_bytes.fillna(0).astype("int64"), strict=True)
+
+        fetched = objects.read_ahead(files(), reader.get)
+        for first in fetched:
+            while sizes[0] == 0:  # an empty Arrow batch still gets its (empty) answer, in order
+                sizes.popleft()
+                yield pd.DataFrame({name: [] for name in UDF_SCHEMA.names})
+            rows = [first, *itertools.islice(fetched, sizes.popleft() - 1)]
+            yield embed_rows(rows, forward, model_batch)
+            counter.add(len(rows))
+        while sizes:
+            sizes.popleft()
+            yield pd.DataFrame({name: [] for name in UDF_SCHEMA.names})
 
     return embed
 
 
-def s3_uri(col: str = "path") -> Column:
-    """s3a:// (local) and s3n:// read as s3://, the scheme stored in every table and the manifest."""
-    return F.regexp_replace(col, "^s3[an]?://", "s3://")
+def embed_rows(rows: list[objects.Fetched], forward, model_batch: int) -> pd.DataFrame:
+    """Decode each photo and embed those that decode, `model_batch` at a time; the rest get a reason."""
+    reasons: list[str | None] = [None] * len(rows)
+    vectors: list[np.ndarray | None] = [None] * len(rows)
+    pixels: list[np.ndarray] = []
+    ok: list[int] = []
+
+    def flush() -> None:
+        out = forward(imaging.preprocess(np.stack(pixels)))
+        for row, vec in zip(ok, out, strict=True):
+            vectors[row] = vec.astype(np.float32, copy=False)
+        pixels.clear()
+        ok.clear()
+
+    for i, item in enumerate(rows):
+        if item.data is None:
+            reasons[i] = "not found in S3: deleted after the run was planned"
+            continue
+        try:
+            pixels.append(imaging.decode_rgb224(item.data))
+            ok.append(i)
+        except imaging.RejectedImage as reject:
+            reasons[i] = str(reject)
+        if len(pixels) == model_batch:
+            flush()
+    if pixels:
+        flush()
+    return pd.DataFrame(
+        {
+            "embedding": vectors,
+            "error": reasons,
+            "content_sha256": [item.content_sha256 for item in rows],
+            "size_bytes": pd.array([None if r.data is None else len(r.data) for r in rows], dtype="Int64"),
+        }
+    )
 
 
-def classify(files: DataFrame, input_root: str) -> DataFrame:
-    """Derive batch_id, label and a pre-decode rejection reason from each file's path and size."""
+def classify(manifest: DataFrame, input_root: str) -> DataFrame:
+    """Derive the label and a rejection reason known from the path alone (no GET needed for those)."""
     root = input_root.rstrip("/").replace("s3a://", "s3://", 1).replace("s3n://", "s3://", 1) + "/"
     parts = F.split(F.expr(f"substring(path, {len(root) + 1})"), "/")
     depth = F.size(parts)
     extensions = "|".join(e[1:] for e in imaging.IMAGE_EXTENSIONS)
-    return (
-        files.withColumn("batch_id", parts.getItem(0))
-        .withColumn("label", F.when(depth >= 3, parts.getItem(1)))
-        .withColumn(
-            "reason",
-            F.when(depth < 3, F.lit("no label folder: file is at the batch root"))
-            .when(
-                ~F.lower(F.col("path")).rlike(rf"\.({extensions})$"),
-                F.lit("unsupported extension (accepted: " + ", ".join(imaging.IMAGE_EXTENSIONS) + ")"),
-            )
-            .when(F.col("content").isNull() & (F.col("size_bytes") == 0), F.lit("empty file (0 bytes)"))
-            .when(F.col("content").isNull(), F.lit("listed in S3 but not returned by Spark's file reader")),
-        )
+    return manifest.withColumn("label", F.when(depth >= 3, parts.getItem(1))).withColumn(
+        "reason",
+        F.when(depth < 3, F.lit("no label folder: file is at the batch root")).when(
+            ~F.lower(F.col("path")).rlike(rf"\.({extensions})$"),
+            F.lit("unsupported extension (accepted: " + ", ".join(imaging.IMAGE_EXTENSIONS) + ")"),
+        ),
     )
 
 
-def read_inputs(
-    spark: SparkSession, input_root: str, batches: list[str], manifest_uri: str
-) -> tuple[DataFrame, DataFrame]:
-    """(the files of the run's manifest that Spark's reader returns, with their bytes; the manifest).
-
-    Spark's file reader silently skips empty files, so a manifest file it did not return still gets a
-    row (content null, see `not_returned`) and is rejected with a reason; a file uploaded after the plan
-    is not read."""
+def read_manifest(spark: SparkSession, manifest_uri: str, batches: list[str]) -> DataFrame:
+    """The run's inputs, exactly as the plan listed them: a file uploaded after the plan is not read, and
+    every listed file gets a row (embedded or rejected), so embedded + rejected = files always holds."""
     manifest = spark.read.schema("batch_id string, path string, size_bytes long").json(manifest_uri)
-    roots = [f"{input_root.rstrip('/')}/{b}/" for b in batches]
-    read = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(roots)
-        .select(s3_uri().alias("path"), F.col("length").alias("size_bytes"), "content")
-    )
-    seen = read.join(F.broadcast(manifest.select("path")), "path", "left_semi")
-    return classify(seen, input_root), manifest
+    return manifest.where(F.col("batch_id").isin(batches))
 
 
-def not_returned(manifest: DataFrame, returned_paths: DataFrame, input_root: str) -> DataFrame:
-    """The manifest's files that the reader did not return, as rows without content (classify rejects
-    them). Taken against the job's cached result, not by a second scan: scanning binaryFile costs an S3
-    HEAD per file even when only paths are selected."""
-    unseen = manifest.join(returned_paths, "path", "left_anti").select(
-        "path", "size_bytes", F.lit(None).cast("binary").alias("content")
-    )
-    return classify(unseen, input_root)
+def input_partitions(spark: SparkSession, files: int) -> int:
+    """Tasks of about IMAGES_PER_TASK photos, and at least two per core so that no core idles at the
+    end of a small batch."""
+    return max(2 * spark.sparkContext.defaultParallelism, math.ceil(files / IMAGES_PER_TASK), 1)
+
+
+def s3_settings(spark: SparkSession, region: str) -> objects.S3Settings:
+    """The S3 endpoint the job's own s3a settings point at (local S3, MinIO), or AWS itself on EMR."""
+    endpoint = spark.sparkContext._jsc.hadoopConfiguration().get("fs.s3a.endpoint")
+    if endpoint and "amazonaws.com" not in endpoint:
+        return objects.S3Settings(region=region, endpoint=endpoint)
+    return objects.S3Settings(region=region)
 
 
 class Progress(threading.Thread):
@@ -191,40 +219,30 @@ def main(argv: list[str]) -> int:
     threads = args.threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
     log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, threads)
 
-    files, manifest = read_inputs(spark, args.input_root, args.batches, args.manifest)
-    total = manifest.count()  # the plan's listing: counting the scan would cost S3 requests per file
-    log.info(
-        "%d files in %d batch(es), %d partition(s)", total, len(args.batches), files.rdd.getNumPartitions()
-    )
+    files = classify(read_manifest(spark, args.manifest, args.batches), args.input_root)
+    total = files.count()  # the plan's listing: no S3 request per file
+    parts = input_partitions(spark, total)
+    log.info("%d files in %d batch(es), %d task(s)", total, len(args.batches), parts)
 
     counter = spark.sparkContext.accumulator(0)
-    udf = make_embed_udf(args.engine, engine_file, threads, counter)
-    returned = (
-        files.withColumn("content_sha256", F.sha2("content", 256))
-        .withColumn("r", F.when(F.col("reason").isNull(), udf(F.col("content"))))
+    model_batch = args.model_batch or MODEL_BATCH[args.engine]
+    s3 = s3_settings(spark, args.s3_region)
+    udf = make_embed_udf(args.engine, engine_file, threads, model_batch, counter, s3)
+    embedded = (
+        files.where(F.col("reason").isNull())
+        .repartition(parts)
+        .withColumn("r", udf("path", "size_bytes"))
         .select(
             "batch_id",
             "path",
             "label",
-            "content_sha256",
-            "size_bytes",
+            F.col("r.content_sha256").alias("content_sha256"),
+            F.coalesce("r.size_bytes", "size_bytes").alias("size_bytes"),
             F.col("r.embedding").alias("embedding"),
-            F.coalesce("reason", "r.error").alias("reason"),
+            F.col("r.error").alias("reason"),
         )
     )
-    # Computed once: both outputs are written from this cache, never by re-running the model.
-    returned = returned.persist(StorageLevel.MEMORY_AND_DISK)
-    progress = Progress(counter, total)
-    progress.start()
-    action_started = time.monotonic()  # the bench's job_images_per_s runs from here to `written`
-    try:
-        returned.count()
-    finally:
-        progress.done.set()
-        progress.join(timeout=5)
-    embed_s = time.monotonic() - started
-    computed = time.monotonic()
-    missing = not_returned(manifest, returned.select("path"), args.input_root).select(
+    by_path = files.where(F.col("reason").isNotNull()).select(
         "batch_id",
         "path",
         "label",
@@ -233,7 +251,18 @@ def main(argv: list[str]) -> int:
         F.lit(None).cast(UDF_SCHEMA["embedding"].dataType).alias("embedding"),
         "reason",
     )
-    result = returned.unionByName(missing)
+    # Computed once: both outputs are written from this cache, never by re-running the model.
+    result = embedded.unionByName(by_path).persist(StorageLevel.MEMORY_AND_DISK)
+    progress = Progress(counter, total)
+    progress.start()
+    action_started = time.monotonic()  # the bench's job_images_per_s runs from here to `written`
+    try:
+        result.count()
+    finally:
+        progress.done.set()
+        progress.join(timeout=5)
+    embed_s = time.monotonic() - started
+    computed = time.monotonic()
     # Few, large Parquet files: fewer S3 commits now, fewer small files for the PCA step to open later.
     out_files = max(1, math.ceil(total / ROWS_PER_FILE))
 
@@ -269,7 +298,7 @@ def main(argv: list[str]) -> int:
     for table, key in ((args.embeddings_out, "embedded"), (args.rejects_out, "rejected")):
         non_empty = {b for b, c in per_batch.items() if c[key] > 0}
         sparkio.remove_partitions_not_written(spark, table, args.batches, non_empty)
-    returned.unpersist()
+    result.unpersist()
 
     seconds = time.monotonic() - started
     embedded = sum(c["embedded"] for c in per_batch.values())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BUCKET, list_keys, read_json, read_parquet, run_dag, sample_files, upload
+from conftest import BUCKET, list_keys, read_json, read_parquet, run_dag, s3_hook, sample_files, upload
 from hostile import hostile_files
 
 BATCH = "hostile"
@@ -110,3 +110,41 @@ def test_forced_rerun_is_idempotent(hostile_run):
     )
     assert list_keys("ledger/batches/") == [f"ledger/batches/{BATCH}.json"]
     assert not list_keys("ledger/claims/")
+
+
+def test_photo_deleted_after_the_plan_is_rejected_not_lost(bucket, tmp_path):
+    """The embed step on its own (spark-submit on local Spark, real weights, moto S3), with the run's
+    input manifest written as the plan writes it, then one listed photo deleted before the step runs."""
+    import json
+
+    from fruits.config import settings
+    from fruits.layout import Layout
+    from fruits.local_compute import run_local_step
+    from fruits.steps import embed_args
+
+    batch, photos = "vanishing", sample_files("Test", labels=2, per_label=2)
+    files = {f"{p.parent.name}/{p.name}": p for p in photos}
+    upload(batch, files)
+    manifest = [
+        {"batch_id": batch, "path": f"s3://{BUCKET}/incoming/{batch}/{rel}", "size_bytes": p.stat().st_size}
+        for rel, p in files.items()
+    ]
+    hook = s3_hook()
+    run_prefix = "runs/vanishing-test/"
+    hook.load_string("\n".join(json.dumps(m) for m in manifest), f"{run_prefix}inputs.jsonl", BUCKET)
+    gone = manifest[1]["path"]
+    hook.delete_objects(BUCKET, [gone.split(f"{BUCKET}/", 1)[1]])
+
+    s = settings()
+    layout = Layout(BUCKET)
+    args = embed_args(layout, [batch], s.resolve(s.weights_uri), "tf", None, None, run_prefix, "eu-west-3")
+    run_local_step("embed", args, s)
+
+    emb = read_parquet(f"embeddings/batch_id={batch}/")
+    rej = read_parquet(f"rejects/batch_id={batch}/")
+    assert sorted(emb.column("path").to_pylist()) == sorted(m["path"] for m in manifest if m["path"] != gone)
+    assert rej.column("path").to_pylist() == [gone]
+    assert "not found in S3" in rej.column("reason")[0].as_py()
+    assert {len(v) for v in emb.column("embedding").to_pylist()} == {1280}
+    metrics = read_json(f"{run_prefix}embed.json")
+    assert (metrics["files"], metrics["embedded"], metrics["rejected"]) == (4, 3, 1)

@@ -215,8 +215,8 @@ def build_plan(
                 len(hidden),
                 hidden[:20],
             )
-    # The embed step processes exactly this list: files Spark's reader skips (empty ones) become rejects,
-    # and a file uploaded after the plan is not half-counted.
+    # The embed step processes exactly this list, one GET per file: every listed file is embedded or
+    # rejected (a deleted one too), and a file uploaded after the plan is not half-counted.
     manifest_key = f"{run_prefix}inputs.jsonl"
     catalog.hook.load_string(
         "\n".join(json.dumps(m, ensure_ascii=False) for m in manifest),
@@ -243,7 +243,7 @@ def build_plan(
         "model_id": model_id_for(sha),
         "pca": asdict(pca),
         "embed_args": embed_args(
-            layout, sorted(batches), p.weights_uri, p.engine, threads, onnx_uri, run_prefix
+            layout, sorted(batches), p.weights_uri, p.engine, threads, onnx_uri, run_prefix, p.region
         ),
         "pca_args": pca_args(layout, pca, run_prefix),
         "started_at": datetime.now(UTC).isoformat(),

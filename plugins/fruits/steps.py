@@ -27,6 +27,7 @@ def embed_args(
     threads: int | None,
     onnx_uri: str | None,
     run_prefix: str,
+    region: str,
 ) -> list[str]:
     args = ["--input-root", layout.uri(layout.incoming.rstrip("/"))]
     for b in batches:
@@ -44,6 +45,8 @@ def embed_args(
         engine,
         "--metrics-out",
         layout.uri(f"{run_prefix}embed.json"),
+        "--s3-region",  # the job reads the photos with its own S3 client, which must sign for the bucket
+        region,
     ]
     if threads:  # otherwise the job uses spark.task.cpus, which the Spark tuning derives from the cores
         args += ["--threads-per-task", str(threads)]

@@ -8,12 +8,13 @@ in docs/performance.md; in short:
   takes its thread count from it). Decoding is single-threaded Python inside the same task, so a task
   with two threads leaves a core idle while it decodes, and letting every task use every core (what
   unpinned TensorFlow does) oversubscribes them.
-- The Arrow batch bounds the photos, and the activations, a Python worker holds at once; past a few dozen
-  images a bigger batch is not faster.
-- Input splits: Spark packs small files into one task until their size plus an "open cost" per file
-  reaches maxPartitionBytes. With a 1 MB open cost a task gets about 128 small photos (fewer large ones):
-  enough to amortise a task's start, small enough to keep every core busy until the end. At least
-  MIN_TASKS_PER_CORE tasks per core, so that a small batch still uses every core.
+- The Arrow batch bounds the rows (paths in, vectors out) a Python worker holds at once. The photos
+  themselves are read by the worker, bounded in bytes (fruits_jobs/objects.py), and the engine runs a
+  few at a time whatever the Arrow batch (fruits_jobs/engine.MODEL_BATCH).
+- The embed job splits its input manifest into tasks of about 256 photos, at least two per core
+  (spark_jobs/embed.py). For file scans (the PCA step's Parquet) Spark packs files into a task until
+  their size plus an "open cost" per file reaches maxPartitionBytes; at least MIN_TASKS_PER_CORE tasks
+  per core, so that a small input still uses every core.
 """
 
 from __future__ import annotations
