@@ -58,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--threads-per-task", type=int, help="engine threads per Spark task (default: spark.task.cpus)"
     )
     p.add_argument("--metrics-out", help="URI of a JSON file with counts and timings")
-    p.add_argument("--model-batch", type=int, help="photos per engine call (default: per engine)")
+    p.add_argument("--model-batch", type=int, help=f"photos per engine call (default {MODEL_BATCH})")
     p.add_argument("--s3-region", default="eu-west-3", help="region of the bucket the photos are in")
     args = p.parse_args(argv)
     if args.engine == "onnx" and not args.onnx_model:
@@ -225,7 +225,7 @@ def main(argv: list[str]) -> int:
     log.info("%d files in %d batch(es), %d task(s)", total, len(args.batches), parts)
 
     counter = spark.sparkContext.accumulator(0)
-    model_batch = args.model_batch or MODEL_BATCH[args.engine]
+    model_batch = args.model_batch or MODEL_BATCH
     s3 = s3_settings(spark, args.s3_region)
     udf = make_embed_udf(args.engine, engine_file, threads, model_batch, counter, s3)
     embedded = (

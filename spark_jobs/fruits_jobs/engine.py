@@ -17,9 +17,9 @@ EMBEDDING_DIM = 1280
 MODEL_NAME = "mobilenet_v2_1.0_224-imagenet-notop-avgpool"
 ENGINES = ("tf", "onnx")
 # Photos per engine call, whatever the Arrow batch. On one thread a small batch keeps the activations in
-# the core's cache: ONNX Runtime took 5.0 ms per photo at 8, 5.5 at 16 and 6.4 at 64 (dev machine,
-# docs/performance.md). TensorFlow pays more per call, so it gets larger batches.
-MODEL_BATCH = {"onnx": 8, "tf": 32}
+# the core's cache: both engines run fastest at 8 (ONNX Runtime 198 img/s at 8 against 165 at 64,
+# TensorFlow 136 against 115, one thread on the dev machine; docs/performance.md).
+MODEL_BATCH = 8
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 _CACHE: dict[tuple[str, str, int], Embedder] = {}
