@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -76,35 +75,29 @@ def localise(spark: SparkSession, uri: str) -> str:
     return os.path.basename(uri.rstrip("/"))
 
 
-def make_embed_udf(engine: str, model_file: str, threads: int, model_batch: int, counter, s3):
+def make_embed_udf(engine: str, model_file: str, threads: int, model_batch: int, rows_out: int, counter, s3):
     """The Iterator pandas UDF, from (path, size) to embeddings. The engine and the S3 reader are built
     once per worker and reused for every Arrow batch. GETs run ahead in the reader's threads; decoding
     and the model run in the task's own thread, `model_batch` photos per call (a small batch keeps the
-    activations in cache: see docs/performance.md), whatever the Arrow batch."""
+    activations in cache: see docs/performance.md), whatever the Arrow batch.
+
+    An iterator UDF owes Spark as many rows as it was given, in order, not one output batch per input
+    batch, so the rows are answered in chunks of `rows_out` as the read-ahead delivers them."""
 
     @F.pandas_udf(UDF_SCHEMA)
     def embed(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         model_path = model_file if model_file == "imagenet" else SparkFiles.get(model_file)
         forward = get_engine(engine, model_path, threads)
         reader = objects.Reader(s3)
-        sizes: deque[int] = deque()  # rows per Arrow batch, in order, as the read-ahead pulls them
-
-        def files() -> Iterator[tuple[str, int]]:
-            for paths, size_bytes in batches:
-                sizes.append(len(paths))
-                yield from zip(paths, size_bytes.fillna(0).astype("int64"), strict=True)
-
-        fetched = objects.read_ahead(files(), reader.get)
-        for first in fetched:
-            while sizes[0] == 0:  # an empty Arrow batch still gets its (empty) answer, in order
-                sizes.popleft()
-                yield pd.DataFrame({name: [] for name in UDF_SCHEMA.names})
-            rows = [first, *itertools.islice(fetched, sizes.popleft() - 1)]
+        files = (
+            row
+            for paths, sizes in batches
+            for row in zip(paths, sizes.fillna(0).astype("int64"), strict=True)
+        )
+        fetched = objects.read_ahead(files, reader.get)
+        while rows := list(itertools.islice(fetched, rows_out)):
             yield embed_rows(rows, forward, model_batch)
             counter.add(len(rows))
-        while sizes:
-            sizes.popleft()
-            yield pd.DataFrame({name: [] for name in UDF_SCHEMA.names})
 
     return embed
 
@@ -227,7 +220,8 @@ def main(argv: list[str]) -> int:
     counter = spark.sparkContext.accumulator(0)
     model_batch = args.model_batch or MODEL_BATCH
     s3 = s3_settings(spark, args.s3_region)
-    udf = make_embed_udf(args.engine, engine_file, threads, model_batch, counter, s3)
+    rows_out = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000"))
+    udf = make_embed_udf(args.engine, engine_file, threads, model_batch, rows_out, counter, s3)
     embedded = (
         files.where(F.col("reason").isNull())
         .repartition(parts)
