@@ -59,29 +59,12 @@ def _free_port() -> int:
 def _configure_env() -> None:
     """Before Airflow is imported: a private Airflow home, S3 endpoint and bucket, so the bench never
     touches the demo's or the tests' state."""
-    port = _free_port()
+    sys.path.insert(0, str(REPO / "scripts"))
+    from devstack import local_stack_env
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
     os.environ.update(
-        {
-            "AIRFLOW_HOME": str(BENCH_HOME / "airflow"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            # Local-only dummy keys for the bench's own moto server.
-            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
-                {
-                    "conn_type": "aws",
-                    "login": "test",
-                    "password": "test",
-                    "extra": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "eu-west-3"},
-                }
-            ),
-            "FRUITS_BUCKET": BUCKET,
-            "FRUITS_WORK_DIR": str(BENCH_HOME / "work"),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PYSPARK_PYTHON": sys.executable,
-            "PYSPARK_DRIVER_PYTHON": sys.executable,
-        }
+        {**local_stack_env(BENCH_HOME / "airflow", BENCH_HOME / "work", endpoint), "FRUITS_BUCKET": BUCKET}
     )
     for p in (REPO / "plugins", REPO / "spark_jobs", REPO / "scripts"):
         if str(p) not in sys.path:

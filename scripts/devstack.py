@@ -33,6 +33,30 @@ def say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
+def local_stack_env(airflow_home: Path, work_dir: Path, s3_endpoint: str) -> dict[str, str]:
+    """What Airflow, the DAG and the Spark steps read on this machine, set before Airflow is imported:
+    an Airflow home, this repo's dags and plugins, the AWS connection at a local S3 server (local-only
+    dummy keys), and this Python for Spark. The tests, the bench and the UI stack add their own on top."""
+    conn = {
+        "conn_type": "aws",
+        "login": "test",
+        "password": "test",
+        "extra": {"endpoint_url": s3_endpoint, "region_name": "eu-west-3"},
+    }
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
+        "FRUITS_WORK_DIR": str(work_dir),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
+
+
 # --- moto server lifecycle ---------------------------------------------------------------------------
 def s3_endpoint() -> str:
     conn = json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])

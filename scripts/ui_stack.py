@@ -31,6 +31,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from devstack import local_stack_env  # noqa: E402
+
 DEFAULT_HOME = REPO / ".cache" / "ui"
 DAG_ID = "fruits_embeddings"
 MARKER = "FRUITS_UI_STACK"
@@ -51,21 +53,11 @@ def stack_env(home: Path, port: int, s3_port: int, token: str, schedule: bool) -
     (use_job_schedule=False), so what runs is what you trigger; with it, unpausing the DAG starts the
     latest daily run at once, as in production."""
     venv_bin = Path(sys.executable).parent
-    conn = {
-        "conn_type": "aws",
-        "login": "test",
-        "password": "test",
-        "extra": {"endpoint_url": f"http://127.0.0.1:{s3_port}", "region_name": "eu-west-3"},
-    }
     env = {
         **os.environ,
+        **local_stack_env(home / "airflow", home / "work", f"http://127.0.0.1:{s3_port}"),
         MARKER: token,
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
         "AIRFLOW__API__PORT": str(port),
@@ -74,13 +66,8 @@ def stack_env(home: Path, port: int, s3_port: int, token: str, schedule: bool) -
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(schedule),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
         "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO / "spark_jobs")]),
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
         "FRUITS_SPARK_PYTHON": sys.executable,
-        "FRUITS_WORK_DIR": str(home / "work"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
         "NO_COLOR": "1",
     }
     env.setdefault("FRUITS_SPARK_JARS_DIR", str(REPO / ".cache" / "jars"))

@@ -37,32 +37,19 @@ def _free_port() -> int:
 S3_PORT = _free_port()
 ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 _HOME = Path(tempfile.mkdtemp(prefix="fruits-airflow-"))
+sys.path.insert(0, str(REPO / "scripts"))
+from devstack import local_stack_env, s3_endpoint  # noqa: E402  (the stack's environment, shared)
+
 os.environ.update(
     {
-        "AIRFLOW_HOME": str(_HOME),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        **local_stack_env(_HOME, _HOME / "work", ENDPOINT),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "test",
-                "password": "test",
-                "extra": {"endpoint_url": ENDPOINT, "region_name": "eu-west-3"},
-            }
-        ),
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "eu-west-3",
         "FRUITS_BUCKET": BUCKET,
-        "FRUITS_WORK_DIR": str(_HOME / "work"),
         "FRUITS_SPARK_MASTER": "local[2]",
         "FRUITS_SPARK_JARS_DIR": os.environ.get("FRUITS_SPARK_JARS_DIR", str(REPO / ".cache" / "jars")),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
     }
 )
 for p in (REPO / "plugins", REPO / "spark_jobs", REPO / "dags"):
@@ -104,14 +91,9 @@ def airflow_db() -> Path:
     return _HOME
 
 
-def current_endpoint() -> str:
-    """The endpoint of the AWS connection in force: ENDPOINT, unless a test module points the connection
-    at its own moto server (tests/test_emr.py runs one in-process to drive EMR step states)."""
-    return json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])["extra"]["endpoint_url"]
-
-
 def reset_s3() -> None:
-    req = urllib.request.Request(f"{current_endpoint()}/moto-api/reset", method="POST")
+    # The connection in force: a test module may point it at its own moto server (tests/test_emr.py).
+    req = urllib.request.Request(f"{s3_endpoint()}/moto-api/reset", method="POST")
     urllib.request.urlopen(req, timeout=10)
 
 
