@@ -5,10 +5,11 @@ All S3 access goes through the amazon provider's S3Hook.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, BinaryIO
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
@@ -16,6 +17,14 @@ from botocore.exceptions import ClientError
 from fruits.layout import READY_MARKER, Layout
 
 log = logging.getLogger(__name__)
+
+
+def sha256_stream(stream: BinaryIO) -> str:
+    """SHA-256 of a file or an S3 body, read 1 MB at a time: model files are too big to hold twice."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CatalogError(RuntimeError):
@@ -51,6 +60,10 @@ class Catalog:
         if not isinstance(value, dict):
             raise CatalogError(f"s3://{self.bucket}/{key} holds {type(value).__name__}, expected an object")
         return value
+
+    def object_sha256(self, key: str, bucket: str | None = None) -> str:
+        """SHA-256 of an object's bytes as stored (in this bucket unless another is named)."""
+        return sha256_stream(self.hook.get_key(key, bucket or self.bucket).get()["Body"])
 
     def write_json(self, key: str, payload: dict[str, Any]) -> None:
         self.hook.load_string(json.dumps(payload, indent=2, sort_keys=True), key, self.bucket, replace=True)

@@ -11,7 +11,6 @@ a new bucket on the same machine does not pay for it again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fruits.catalog import Catalog, CatalogError
+from fruits.catalog import Catalog, CatalogError, sha256_stream
 from fruits.config import Settings
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,8 @@ class OnnxExportFailed(RuntimeError):
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(handle)
 
 
 def _trusted(manifest: dict[str, Any] | None, weights_sha: str) -> bool:
@@ -59,11 +55,7 @@ def _staged_ok(catalog: Catalog, key: str, weights_sha: str) -> bool:
     assert manifest is not None
     if not catalog.hook.check_for_key(key, catalog.bucket):
         return False
-    body = catalog.hook.get_key(key, catalog.bucket).get()["Body"]
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: body.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest() == manifest["onnx_sha256"]
+    return catalog.object_sha256(key) == manifest["onnx_sha256"]
 
 
 def _local_ok(onnx_path: Path, manifest_path: Path, weights_sha: str) -> bool:

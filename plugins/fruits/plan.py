@@ -151,11 +151,7 @@ def weights_sha256(catalog: Catalog, uri: str) -> str:
     if uri == "imagenet":
         return "keras-imagenet"
     bucket, _, key = uri[len("s3://") :].partition("/")
-    digest = hashlib.sha256()
-    body = catalog.hook.get_key(key, bucket).get()["Body"]
-    for chunk in iter(lambda: body.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
+    return catalog.object_sha256(key, bucket)
 
 
 def model_id_for(weights_sha: str) -> str:
