@@ -1,7 +1,7 @@
 """Spark settings derived from the cores (and memory) at hand, so nothing about parallelism is hard-coded.
 
 Both backends go through `task_shape`: the local one with this machine's cores, EMR with a core node's
-vCPUs. The reasoning and the measured curve (images/s against the Arrow batch and threads per task) are
+vCPUs. The reasoning and the measured curve (images/s against the model batch and threads per task) are
 in docs/performance.md; in short:
 
 - One Spark task per core, each running the engine on one intra-op thread (spark.task.cpus = 1; the job
@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARROW_BATCH = 64  # images per Arrow batch, at most: 64 x 224 x 224 x 3 float32 is about 38 MB per worker
+ARROW_BATCH = 64  # rows per Arrow batch, at most: paths in, 1280-d vectors out (about 330 KB of vectors)
 THREADS_PER_TASK = 1
 FILE_OPEN_COST_BYTES = 1 << 20
 MAX_PARTITION_BYTES = 128 << 20
