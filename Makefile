@@ -29,10 +29,11 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup venv jars blas demo test bench lint clean s3-start s3-stop up down chromium
+.PHONY: help setup venv jars blas demo test test-fast bench lint clean s3-start s3-stop up down chromium
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
+	@echo "make test-fast            the tests that need no Spark or S3 (under a minute)"
 	@echo "make lint                 ruff"
 	@echo "make bench [BENCH_ARGS=--curve]   embed job vs the model's own speed, PCA refit, no-op run (JSON last)"
 	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
@@ -82,6 +83,10 @@ demo: setup
 
 test: setup chromium
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that need no Spark, no DAG run and no S3 server (marked `fast`): under a minute.
+test-fast: venv
+	@$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 bench: setup
 	@$(BIN)/python scripts/bench.py $(BENCH_ARGS)
