@@ -237,7 +237,9 @@ def test_1000_new_batches_and_a_refit_over_5000_keep_xcom_and_step_args_small(bi
     assert max(sizes.values()) <= XCOM_LIMIT, sizes
     chars = [step_chars(st) for st in refit["steps"]]
     assert max(chars) <= STEP_ARGS_LIMIT
-    print(f"refit over 5,001 batches: largest XCom {max(sizes.values())} bytes, longest step {max(chars)} chars")
+    print(
+        f"refit over 5,001 batches: largest XCom {max(sizes.values())} bytes, longest step {max(chars)} chars"
+    )
     lists = refit["catalog"].read_run_file(plan["keys"]["pca_batches.json"])
     assert lists["fit"] == lists["transform"] == sorted([*history, *fresh, extra])
     assert refit["expected"][extra] == 3 and refit["expected"][history[0]] == 40
