@@ -39,8 +39,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-# A ledger record as commit writes it is a few hundred bytes; anything under this is not one.
-MIN_RECORD_BYTES = 64
+# A ledger record as commit writes it is several hundred bytes; an object under this (an empty file, a
+# truncated copy) is not one, and the listing gives every size for free.
+MIN_RECORD_BYTES = 16
 # check_state reads the records written last: where a crash or a careless hand leaves damage.
 RECENT_RECORDS_CHECKED = 2
 
@@ -178,6 +179,8 @@ class Catalog:
         and fails there on a damaged one, with the same message."""
         listing = self.ledger_listing()
         where = f"s3://{self.bucket}/"
+        newest = sorted(listing, key=lambda b: listing[b]["modified"], reverse=True)[:RECENT_RECORDS_CHECKED]
+        self.read_records(newest)  # raises on a record that is not valid JSON
         for batch_id, meta in listing.items():
             if meta["size"] < MIN_RECORD_BYTES:  # free: the listing gives each size
                 raise CatalogError(
@@ -185,8 +188,6 @@ class Catalog:
                     "be a ledger record, it was not written by this pipeline or was damaged. Restore it "
                     "from S3 versioning, or delete it to let the pipeline process the batch again."
                 )
-        newest = sorted(listing, key=lambda b: listing[b]["modified"], reverse=True)[:RECENT_RECORDS_CHECKED]
-        self.read_records(newest)  # raises on a record that is not valid JSON
         if not listing and self._any_completed_run():
             raise CatalogError(
                 f"the ledger {where}{self.layout.ledger} is empty but completed runs are recorded under "

@@ -348,6 +348,7 @@ def build_plan(
             "delete them to let the pipeline process those batches again."
         )
     old = [b for b in old if b in records]  # a record deleted since the listing: that batch is not done
+    catalog.read_records([b for b in new if b in listing])  # a forced re-run's record: damaged fails here
     if fit:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         version = f"pca-{stamp}-{hashlib.sha256(run_id.encode()).hexdigest()[:6]}"
