@@ -302,13 +302,19 @@ def test_noop_run_with_hundreds_of_batches_behind_it_stays_cheap(airflow_db, s3_
 
 
 def test_cost_guard_refuses_before_creating_anything(airflow_db, s3_server):
-    from fruits.config import settings
+    from fruits.config import instance_types, settings
     from fruits.plan import size_cluster
     from test_emr import captured_log
 
     fresh_bucket()
     upload_sample("costly", sample_files("Training", labels=2, per_label=2))
-    expected = size_cluster(4, 4, True, settings())["expected_cost_usd"]
+    # Worked out here from the settings and the price table, not by the plan's own function: 4 photos on
+    # the minimum of 2 core nodes + 1 primary (m5.xlarge, 4 vCPUs), with a PCA fit (first model).
+    s, price = settings(), instance_types()["m5.xlarge"]
+    seconds = s.emr_startup_s + 4 / (s.emr_photos_per_s_per_vcpu * 8) + s.emr_pca_fit_s
+    seconds += 4 / (s.emr_pca_rows_per_s_per_vcpu * 8)
+    expected = round(seconds / 3600 * 3 * (price.ec2_usd_per_hour + price.emr_usd_per_hour), 2)
+    assert expected == size_cluster(4, 4, True, s)["expected_cost_usd"] > 0.01
     with captured_log() as logged:
         dagrun = run_dag({"compute": "emr", "max_cost_usd": 0.01})
     states = task_states(dagrun)
