@@ -3,7 +3,9 @@
 
 New photo batches in S3 -> MobileNetV2 embeddings (1280-d) -> StandardScaler + PCA -> validated Parquet.
 
-1. **plan**: check the params, find ready batches not in the ledger, claim them, decide the PCA model.
+1. **plan**: check the params, find ready batches not in the ledger (oldest first, up to
+   `max_images_per_run` photos), claim them, decide the PCA model and the cluster size (refused beyond
+   `max_cost_usd`). Batch lists travel in files under `runs/RUN_ID/`, never in XCom or step arguments.
 2. **compute**: the `embed` then `pca` Spark steps, on a local Spark or on a transient EMR cluster
    (`emr` group: created for this run, every step watched, terminated by a teardown whatever happened).
 3. **validate** the outputs against the inputs, **commit** the ledger, **summarize**, **report** (HTML).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -93,6 +95,19 @@ PARAMS = {
         type="string",
         description="MobileNetV2 ImageNet no-top weights (.h5) in S3, or 'imagenet'.",
     ),
+    "max_images_per_run": Param(
+        S.max_images_per_run,
+        type="integer",
+        minimum=0,
+        description="Backlogs: take the oldest ready batches up to this many photos (at least one batch); "
+        "the rest waits for the next run. 0: no cap.",
+    ),
+    "max_cost_usd": Param(
+        S.max_cost_usd,
+        type="number",
+        minimum=0,
+        description="compute=emr: refuse to start a cluster estimated to cost more (USD). 0: no limit.",
+    ),
 }
 
 
@@ -110,38 +125,45 @@ PARAMS = {
 def fruits_embeddings():
     @task
     def check_params() -> dict[str, Any]:
-        """Fail fast, before anything is created: every message says what to change."""
+        """Fail fast, before anything is created: every message says what to change. Cheap whatever the
+        history (plan.preflight). Each task reads the params from its context: none travel by XCom."""
         ctx = get_current_context()
         params = planning.parse_params(ctx["params"], settings())
         planning.preflight(_catalog(), params)
-        return {"params": ctx["params"], "started": datetime.now(UTC).isoformat()}
+        return {"started": datetime.now(UTC).isoformat()}
 
     @task.short_circuit
-    def find_new_batches(checked: dict[str, Any]) -> list[str]:
-        """Stop here, with nothing created, when there is nothing new."""
-        params = planning.parse_params(checked["params"], settings())
-        batches = planning.select_batches(_catalog(), params)
-        log.info("batches to process: %s", batches or "none")
-        return batches
+    def find_new_batches(checked: dict[str, Any]) -> dict[str, Any] | None:
+        """Stop here, with nothing created, when there is nothing new. A backlog beyond
+        max_images_per_run is taken oldest first; the rest waits (logged, and in the summary)."""
+        ctx = get_current_context()
+        params = planning.parse_params(ctx["params"], settings())
+        return planning.find_batches(_catalog(), params, ctx["run_id"])
 
     @setup
-    def claim_batches(batches: list[str]) -> list[str]:
+    def claim_batches(found: dict[str, Any]) -> dict[str, Any]:
         """Lease each batch to this run, so two runs never process the same batch."""
         ctx = get_current_context()
-        catalog = _catalog()
-        lease = datetime.fromtimestamp(settings().claim_lease_s, UTC) - datetime.fromtimestamp(0, UTC)
-        claimed = [b for b in batches if catalog.claim(b, ctx["run_id"], lease)]
-        if not claimed:
-            raise AirflowSkipException(f"every batch is claimed by another run: {batches}")
+        lease = timedelta(seconds=settings().claim_lease_s)
+        claimed = planning.claim_batches(_catalog(), found, ctx["run_id"], lease)
+        if not claimed["batches"]:
+            raise AirflowSkipException(f"every batch is claimed by another run ({found['batches']})")
         return claimed
 
     @task
-    def plan_run(checked: dict[str, Any], claimed: list[str]) -> dict[str, Any]:
+    def plan_run(checked: dict[str, Any], found: dict[str, Any], claimed: dict[str, Any]) -> dict[str, Any]:
+        """Decide the model and the cluster size, write the run files; a cluster beyond max_cost_usd is
+        refused here, before anything is created."""
         ctx = get_current_context()
-        params = planning.parse_params(checked["params"], settings())
-        plan = planning.build_plan(_catalog(), params, claimed, ctx["run_id"], settings())
+        params = planning.parse_params(ctx["params"], settings())
+        catalog = _catalog()
+        batches = planning.claimed_batches(catalog, claimed)
+        plan = planning.build_plan(catalog, params, batches, ctx["run_id"], settings(), found=found)
         plan["started"] = checked["started"]
-        log.info("plan: %s", json.dumps({k: plan[k] for k in ("batches", "files", "model_id", "pca")}))
+        log.info(
+            "plan: %s",
+            json.dumps({k: plan[k] for k in ("new_batches", "files", "model_id", "pca", "keys", "sizing")}),
+        )
         return plan
 
     @task.branch
@@ -166,55 +188,54 @@ def fruits_embeddings():
     # One of the two compute paths is skipped; a failed step on the other still fails the run here.
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
+        """Per-batch results to runs/RUN/validation.json; XCom gets the totals and its key."""
         catalog = _catalog()
         meta = catalog.pca_metadata(plan["pca"]["version"])
+        # The outputs read back against the plan's expected counts (runs/RUN/expected.json).
+        expected = catalog.read_run_file(plan["expected_key"])
         results = validation.validate_run(
-            catalog.hook,
-            catalog.layout,
-            plan["validate_files"],
-            plan["model_id"],
-            plan["pca"]["version"],
-            int(meta["k"]),
+            catalog.hook, catalog.layout, expected, plan["model_id"], plan["pca"]["version"], int(meta["k"])
         )
-        return {"results": results, "pca_meta": meta}
+        return commit_mod.record_validation(catalog, plan, results, meta)
 
     @task
-    def commit(plan: dict[str, Any], validated: dict[str, Any]) -> list[str]:
+    def commit(plan: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
         """Only validated batches reach the ledger."""
-        return commit_mod.commit(_catalog(), plan, validated["results"], validated["pca_meta"])
+        return commit_mod.commit(_catalog(), plan, validated)
 
     @task
-    def summarize(plan: dict[str, Any], validated: dict[str, Any], committed: list[str]) -> dict[str, Any]:
+    def summarize(
+        plan: dict[str, Any], validated: dict[str, Any], committed: dict[str, Any]
+    ) -> dict[str, Any]:
         catalog = _catalog()
         seconds = (datetime.now(UTC) - datetime.fromisoformat(plan["started"])).total_seconds()
-        summary = commit_mod.summarize(plan, validated["results"], validated["pca_meta"], seconds)
+        summary = commit_mod.summarize(plan, validated, committed, seconds)
         cluster_id = get_current_context()["ti"].xcom_pull(task_ids="emr.create_cluster")
         if cluster_id:  # compute=emr: instance-hours x price
             summary["emr"] = emr.cluster_cost(cluster_id, plan["params"]["region"], settings())
-        key = f"{plan['run_prefix']}summary.json"
-        catalog.write_json(key, {**summary, "run_id": plan["run_id"], "ledger": committed})
+        key = catalog.layout.run_file(plan["run_id"], "summary.json")
+        catalog.write_json(key, {**summary, "run_id": plan["run_id"]})
         log.info("summary (s3://%s/%s): %s", catalog.bucket, key, json.dumps(summary))
         return summary
 
     @task
     def report(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         """A page to look at: counts, rejects, timings, PCA variance and map, linear-probe accuracy."""
-        uri = reporting.write_report(_catalog(), plan, summary, settings())
+        catalog = _catalog()
+        batches = planning.run_batches(catalog, plan)["new"]
+        uri = reporting.write_report(catalog, {**plan, "batches": batches}, summary, settings())
         log.info("run report: %s", uri)
         return uri
 
     @teardown
-    def release_claims(claimed: list[str]) -> None:
+    def release_claims(claimed: dict[str, Any]) -> None:
         """Runs whatever happened: a failed run hands its batches back at once."""
-        ctx = get_current_context()
-        catalog = _catalog()
-        for b in claimed:
-            catalog.release(b, ctx["run_id"])
+        planning.release_claims(_catalog(), claimed, get_current_context()["run_id"])
 
     checked = check_params()
-    batches = find_new_batches(checked)
-    claimed = claim_batches(batches)
-    plan = plan_run(checked, claimed)
+    found = find_new_batches(checked)
+    claimed = claim_batches(found)
+    plan = plan_run(checked, found, claimed)
     route = choose_compute(plan)
 
     # compute=local

@@ -72,7 +72,8 @@ def _healthy(endpoint: str) -> bool:
 
 
 def s3_start(pidfile: Path = CACHE / "moto.pid") -> bool:
-    """Start moto_server on the endpoint's port unless one answers already. True if this call started it."""
+    """Start the local S3 server (moto, counting requests by operation: scripts/counting_s3.py, counts at
+    ENDPOINT/_counts) on the endpoint's port unless one answers already. True if this call started it."""
     endpoint = s3_endpoint()
     if _healthy(endpoint):
         return False
@@ -80,7 +81,7 @@ def s3_start(pidfile: Path = CACHE / "moto.pid") -> bool:
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     log = open(CACHE / "moto.log", "ab")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", port],
+        [sys.executable, str(REPO / "scripts" / "counting_s3.py"), "-H", "127.0.0.1", "-p", port],
         stdout=log,
         stderr=log,
         start_new_session=True,
@@ -91,7 +92,7 @@ def s3_start(pidfile: Path = CACHE / "moto.pid") -> bool:
             say(f"local S3 (moto) on {endpoint}, pid {proc.pid}")
             return True
         time.sleep(0.1)
-    raise SystemExit(f"moto_server did not answer on {endpoint}; see {CACHE / 'moto.log'}")
+    raise SystemExit(f"the local S3 server did not answer on {endpoint}; see {CACHE / 'moto.log'}")
 
 
 def s3_stop(pidfile: Path = CACHE / "moto.pid") -> None:

@@ -1,7 +1,10 @@
 """Embed step: images of the given batches -> 1280-d MobileNetV2 embeddings, plus a rejects table.
 
-    spark-submit --py-files fruits_jobs.zip embed.py --input-root s3://BUCKET/incoming --batch B1 \
-        --embeddings-out s3://BUCKET/embeddings --rejects-out s3://BUCKET/rejects --weights s3://.../x.h5
+    spark-submit --py-files fruits_jobs.zip embed.py --input-root s3://BUCKET/incoming \
+        --manifest s3://BUCKET/runs/RUN/inputs.jsonl --embeddings-out s3://BUCKET/embeddings \
+        --rejects-out s3://BUCKET/rejects --weights s3://.../x.h5
+
+Every line of the manifest is processed: the batches are the manifest's, never arguments.
 
 Runs the same way locally (s3a://) and on EMR (s3://). Imports nothing from Airflow.
 """
@@ -46,10 +49,11 @@ UDF_SCHEMA = T.StructType(
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input-root", required=True, help="URI holding one folder per batch")
-    p.add_argument("--batch", action="append", required=True, dest="batches", help="batch id (repeat)")
     p.add_argument("--embeddings-out", required=True)
     p.add_argument("--rejects-out", required=True)
-    p.add_argument("--manifest", required=True, help="JSON lines {batch_id, path, size_bytes}: the inputs")
+    p.add_argument(
+        "--manifest", required=True, help="JSON lines {batch_id, path, size_bytes}: every input of the run"
+    )
     p.add_argument("--weights", required=True, help='Keras .h5 path or URI, or "imagenet"')
     p.add_argument("--engine", choices=ENGINES, default="tf")
     p.add_argument("--onnx-model", help="ONNX export of the same weights (engine=onnx)")
@@ -154,11 +158,10 @@ def classify(manifest: DataFrame, input_root: str) -> DataFrame:
     )
 
 
-def read_manifest(spark: SparkSession, manifest_uri: str, batches: list[str]) -> DataFrame:
+def read_manifest(spark: SparkSession, manifest_uri: str) -> DataFrame:
     """The run's inputs, exactly as the plan listed them: a file uploaded after the plan is not read, and
     every listed file gets a row (embedded or rejected), so embedded + rejected = files always holds."""
-    manifest = spark.read.schema("batch_id string, path string, size_bytes long").json(manifest_uri)
-    return manifest.where(F.col("batch_id").isin(batches))
+    return spark.read.schema("batch_id string, path string, size_bytes long").json(manifest_uri)
 
 
 def input_partitions(spark: SparkSession, files: int) -> int:
@@ -212,10 +215,12 @@ def main(argv: list[str]) -> int:
     threads = args.threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
     log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, threads)
 
-    files = classify(read_manifest(spark, args.manifest, args.batches), args.input_root)
+    manifest = read_manifest(spark, args.manifest)
+    batches = sorted(r["batch_id"] for r in manifest.select("batch_id").distinct().collect())
+    files = classify(manifest, args.input_root)
     total = files.count()  # the plan's listing: no S3 request per file
     parts = input_partitions(spark, total)
-    log.info("%d files in %d batch(es), %d task(s)", total, len(args.batches), parts)
+    log.info("%d files in %d batch(es), %d task(s)", total, len(batches), parts)
 
     counter = spark.sparkContext.accumulator(0)
     model_batch = args.model_batch or MODEL_BATCH
@@ -291,7 +296,7 @@ def main(argv: list[str]) -> int:
     }
     for table, key in ((args.embeddings_out, "embedded"), (args.rejects_out, "rejected")):
         non_empty = {b for b, c in per_batch.items() if c[key] > 0}
-        sparkio.remove_partitions_not_written(spark, table, args.batches, non_empty)
+        sparkio.remove_partitions_not_written(spark, table, batches, non_empty)
     result.unpersist()
 
     seconds = time.monotonic() - started

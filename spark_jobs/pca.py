@@ -1,11 +1,12 @@
 """PCA step: StandardScaler + PCA over 1280-d embeddings -> reduced features, with a versioned model.
 
     spark-submit --py-files fruits_jobs.zip pca.py --embeddings-root s3://B/embeddings \
-        --model-root s3://B/models/pca --version V [--fit --fit-batch B1 ...] --batch B1 ... \
+        --model-root s3://B/models/pca --version V [--fit] --batches-file s3://B/runs/RUN/pca_batches.json \
         --features-root s3://B/features (--k K | --variance-target 0.9 --max-k 256)
 
-With --fit, the model is fitted on --fit-batch and saved as version V with a variance report (JSON and a PNG
-scree plot). Without it, version V is loaded. Then --batch are transformed and written to
+The batches file is {"fit": [batch ids], "transform": [batch ids]}. With --fit, the model is fitted on the
+"fit" batches and saved as version V with a variance report (JSON and a PNG scree plot). Without it,
+version V is loaded. Then the "transform" batches are transformed and written to
 features_root/pca_version=V/batch_id=B. Imports nothing from Airflow.
 """
 
@@ -36,8 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-root", required=True)
     p.add_argument("--version", required=True, help="PCA model version to fit or to load")
     p.add_argument("--fit", action="store_true", help="fit and save version V before transforming")
-    p.add_argument("--fit-batch", action="append", default=[], dest="fit_batches")
-    p.add_argument("--batch", action="append", default=[], dest="batches", help="batches to transform")
+    p.add_argument("--batches-file", required=True, help='JSON {"fit": [ids], "transform": [ids]}')
     p.add_argument("--k", type=int, help="fixed number of components")
     p.add_argument("--variance-target", type=float, default=0.90)
     p.add_argument("--max-k", type=int, default=256)
@@ -49,11 +49,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--variance-target must be in (0, 1], got {args.variance_target}")
     if not 1 <= args.max_k <= EMBEDDING_DIM:
         p.error(f"--max-k must be in [1, {EMBEDDING_DIM}], got {args.max_k}")
-    if args.fit and not args.fit_batches:
-        p.error("--fit needs at least one --fit-batch")
-    if not args.batches:
-        p.error("give at least one --batch to transform")
     return args
+
+
+def read_batches(spark: SparkSession, args: argparse.Namespace) -> None:
+    """The batch lists come from the run's file, never from arguments (whose length AWS bounds)."""
+    lists = json.loads(sparkio.read_text(spark, args.batches_file))
+    args.fit_batches, args.batches = list(lists.get("fit") or []), list(lists.get("transform") or [])
+    if args.fit and not args.fit_batches:
+        raise SystemExit(f"pca: --fit but {args.batches_file} lists no fit batch")
+    if not args.batches:
+        raise SystemExit(f"pca: {args.batches_file} lists no batch to transform")
 
 
 def read_embeddings(spark: SparkSession, root: str, batches: list[str]) -> DataFrame | None:
@@ -173,6 +179,7 @@ def main(argv: list[str]) -> int:
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
     started = time.monotonic()
+    read_batches(spark, args)
     cached = None
     if args.fit and set(args.fit_batches) == set(args.batches):
         # A refit transforms exactly what it fits on: read the embeddings from S3 once, keep them cached.

@@ -59,9 +59,10 @@ for p in (REPO / "plugins", REPO / "spark_jobs", REPO / "dags"):
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """A real moto S3/EMR server process on localhost."""
+    """A real moto S3/EMR server process on localhost, counting the requests it serves by operation
+    (scripts/counting_s3.py: s3_requests() reads the counts)."""
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        [sys.executable, str(REPO / "scripts" / "counting_s3.py"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -73,7 +74,7 @@ def s3_server() -> Iterator[str]:
             time.sleep(0.1)
     else:
         proc.kill()
-        raise RuntimeError("moto_server did not start")
+        raise RuntimeError("the local S3 server did not start")
     yield ENDPOINT
     proc.terminate()
     proc.wait(10)
@@ -89,6 +90,13 @@ def airflow_db() -> Path:
         stderr=subprocess.DEVNULL,
     )
     return _HOME
+
+
+def s3_requests(reset: bool = False) -> dict:
+    """What the S3 server has served since the last reset: {"total", "s3": {operation: n}, "other"}."""
+    from counting_s3 import read_counts
+
+    return read_counts(s3_endpoint(), reset=reset)
 
 
 def reset_s3() -> None:

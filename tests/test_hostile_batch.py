@@ -137,7 +137,7 @@ def test_photo_deleted_after_the_plan_is_rejected_not_lost(bucket, tmp_path):
 
     s = settings()
     layout = Layout(BUCKET)
-    args = embed_args(layout, [batch], s.resolve(s.weights_uri), "tf", None, None, run_prefix, "eu-west-3")
+    args = embed_args(layout, s.resolve(s.weights_uri), "tf", None, None, "vanishing-test", "eu-west-3")
     run_local_step("embed", args, s)
 
     emb = read_parquet(f"embeddings/batch_id={batch}/")

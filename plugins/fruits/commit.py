@@ -1,75 +1,109 @@
-"""The end of a run: record what was validated, then summarise it."""
+"""The end of a run: record what was validated, then summarise it.
+
+Reads the run's files (validation.json, batches.json, ignored.json), not the ledger: a past batch's
+record is read only when this run rewrites it (a forced re-run, or every batch on a refit)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from fruits.catalog import Catalog
+from fruits.catalog import Catalog, pmap
 
 EMBEDDING_DIM = 1280
 
 
-def commit(
+def record_validation(
     catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any]
-) -> list[str]:
-    """Point at the new PCA model first, then write one ledger record per batch.
+) -> dict[str, Any]:
+    """Per-batch validation results to runs/RUN/validation.json; returns what XCom carries: its key, the
+    totals and the PCA numbers commit and summarize need (metadata.json itself holds a list per component
+    and the fit's batch list: too big for XCom)."""
+    key = catalog.layout.run_file(plan["run_id"], "validation.json")
+    catalog.write_run_file(key, {"batches": results})
+    return {
+        "key": key,
+        "batches": len(results),
+        **{n: sum(int(r[n]) for r in results.values()) for n in ("files", "embedded", "rejected")},
+        "pca": {n: pca_meta[n] for n in ("version", "k", "explained_variance_at_k")},
+    }
+
+
+def commit(catalog: Catalog, plan: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
+    """Point at the new PCA model first, then write one ledger record per validated batch.
 
     In this order a crash in between leaves batches unrecorded (they are redone, idempotently), never
-    recorded against a model that is not current."""
-    layout, pca = catalog.layout, plan["pca"]
+    recorded against a model that is not current. Returns counts only (XCom)."""
+    layout, pca, k = catalog.layout, plan["pca"], validated["pca"]["k"]
+    results: dict[str, dict[str, Any]] = catalog.read_run_file(validated["key"])["batches"]
+    lists = catalog.read_run_file(plan["keys"]["batches.json"])
+    new = set(lists["new"])
+    previous = catalog.read_records(sorted(set(lists["recorded"]) | set(lists["refit"])))
+    ignored = catalog.read_run_file(plan["keys"]["ignored.json"])
     now = datetime.now(UTC).isoformat(timespec="seconds")
     if pca["fit"]:
         catalog.write_json(
             layout.pca_current,
+            {"version": pca["version"], "k": k, "set_at": now, "run_id": plan["run_id"]},
+        )
+
+    def record(batch_id: str) -> None:
+        r, before, is_new = results[batch_id], previous.get(batch_id, {}), batch_id in new
+        catalog.record_batch(
+            batch_id,
             {
-                "version": pca["version"],
-                "k": pca_meta["k"],
-                "set_at": now,
-                "run_id": plan["run_id"],
+                **before,
+                "batch_id": batch_id,
+                "files": r["files"],
+                "embedded": r["embedded"],
+                "rejected": r["rejected"],
+                "labels": r["labels"],
+                "ignored_hidden_files": ignored.get(batch_id, [])
+                if is_new
+                else before.get("ignored_hidden_files", []),
+                "model_id": plan["model_id"] if is_new else before.get("model_id", plan["model_id"]),
+                "pca_version": pca["version"],
+                "pca_k": k,
+                "embeddings": layout.uri(layout.partition(layout.embeddings, batch_id)),
+                "rejects": layout.uri(layout.partition(layout.rejects, batch_id)),
+                "features": layout.uri(layout.partition(layout.features_prefix(pca["version"]), batch_id)),
+                "run_id": plan["run_id"] if is_new else before.get("run_id"),
+                "processed_at": now if is_new else before.get("processed_at", now),
+                "updated_at": now,
             },
         )
-    ledger = catalog.ledger()
-    written = []
-    for batch_id, r in sorted(results.items()):
-        previous = ledger.get(batch_id, {})
-        new = batch_id in plan["batches"]
-        record = {
-            **previous,
-            "batch_id": batch_id,
-            "files": r["files"],
-            "embedded": r["embedded"],
-            "rejected": r["rejected"],
-            "labels": r["labels"],
-            "ignored_hidden_files": plan.get("ignored", {}).get(batch_id, [])
-            if new
-            else previous.get("ignored_hidden_files", []),
-            "model_id": plan["model_id"] if new else previous.get("model_id", plan["model_id"]),
-            "pca_version": pca["version"],
-            "pca_k": pca_meta["k"],
-            "embeddings": layout.uri(layout.partition(layout.embeddings, batch_id)),
-            "rejects": layout.uri(layout.partition(layout.rejects, batch_id)),
-            "features": layout.uri(layout.partition(layout.features_prefix(pca["version"]), batch_id)),
-            "run_id": plan["run_id"] if new else previous.get("run_id"),
-            "processed_at": now if new else previous.get("processed_at", now),
-            "updated_at": now,
-        }
-        catalog.record_batch(batch_id, record)
-        written.append(batch_id)
-    return written
+
+    pmap(record, sorted(results))
+    fresh = [results[b] for b in sorted(new)]
+    return {
+        "records": len(results),
+        "new": {
+            "batches": len(fresh),
+            "images": sum(r["files"] for r in fresh),
+            "embedded": sum(r["embedded"] for r in fresh),
+            "rejected": sum(r["rejected"] for r in fresh),
+        },
+    }
 
 
 def summarize(
-    plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any], seconds: float
+    plan: dict[str, Any], validated: dict[str, Any], committed: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
-    new = [results[b] for b in plan["batches"]]
-    return {
-        "batches": len(new),
-        "images": sum(r["files"] for r in new),
-        "embedded": sum(r["embedded"] for r in new),
-        "rejected": sum(r["rejected"] for r in new),
+    summary = {
+        **committed["new"],
         "embedding_dim": EMBEDDING_DIM,
-        "pca_components": pca_meta["k"],
-        "explained_variance": round(float(pca_meta["explained_variance_at_k"]), 4),
+        "pca_components": validated["pca"]["k"],
+        "explained_variance": round(float(validated["pca"]["explained_variance_at_k"]), 4),
         "seconds": round(seconds, 1),
+        "ledger_records": committed["records"],
     }
+    deferred = plan.get("deferred") or {}
+    if deferred.get("batches"):  # left for the next run by max_images_per_run
+        summary["deferred"] = deferred
+    if plan.get("sizing"):  # compute=emr: what the plan expected, beside what the cluster cost
+        summary["planned"] = {
+            "core_nodes": plan["sizing"]["core_nodes"],
+            "expected_s": plan["sizing"]["expected_s"]["total"],
+            "expected_cost_usd": plan["sizing"]["expected_cost_usd"],
+        }
+    return summary

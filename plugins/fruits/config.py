@@ -111,7 +111,35 @@ class Settings:
     emr_release: str = field(default_factory=lambda: _env("FRUITS_EMR_RELEASE", "emr-7.12.0"))
     emr_primary_type: str = field(default_factory=lambda: _env("FRUITS_EMR_PRIMARY_TYPE", "m5.xlarge"))
     emr_core_type: str = field(default_factory=lambda: _env("FRUITS_EMR_CORE_TYPE", "m5.xlarge"))
+    # Core nodes are sized to the run (plan.size_cluster): enough for the embed step to take about
+    # FRUITS_EMR_TARGET_EMBED_S at the measured photos/s per vCPU, never fewer than FRUITS_EMR_CORE_COUNT
+    # nor more than FRUITS_EMR_MAX_CORE_NODES.
     emr_core_count: int = field(default_factory=lambda: int(_env("FRUITS_EMR_CORE_COUNT", "2")))
+    emr_max_core_nodes: int = field(default_factory=lambda: int(_env("FRUITS_EMR_MAX_CORE_NODES", "20")))
+    # docs/performance.md, "Results": the embed job ran 141.7 photos/s on 2 vCPUs (ONNX Runtime, the S3
+    # server on the same cores), 70.9 per vCPU. EMR has no S3 server on its cores; keep the measured rate
+    # until a run on EMR measures its own (the summary's emr block gives the hours to check it against).
+    emr_photos_per_s_per_vcpu: float = field(
+        default_factory=lambda: float(_env("FRUITS_EMR_PHOTOS_PER_S_PER_VCPU", "70"))
+    )
+    emr_target_embed_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_TARGET_EMBED_S", "1800")))
+    # Provisioning + the bootstrap action installing the jobs' Python (README: 8 to 12 min before the
+    # first step starts), and the PCA step: transform rate (docs/performance.md: 100,000 rows transformed
+    # and written in about 11 s on 2 vCPUs) and a fit's fixed cost (a fit reads a bounded sample).
+    emr_startup_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_STARTUP_S", "720")))
+    emr_pca_rows_per_s_per_vcpu: float = field(
+        default_factory=lambda: float(_env("FRUITS_EMR_PCA_ROWS_PER_S_PER_VCPU", "4000"))
+    )
+    emr_pca_fit_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_PCA_FIT_S", "120")))
+    # EMR managed scaling between FRUITS_EMR_CORE_COUNT and the sized core count (off: a fixed size).
+    emr_managed_scaling: bool = field(
+        default_factory=lambda: _env("FRUITS_EMR_MANAGED_SCALING", "false").lower() in ("1", "true", "yes")
+    )
+    # A run whose cluster is estimated to cost more than this (USD) refuses to start it (0: no limit).
+    max_cost_usd: float = field(default_factory=lambda: float(_env("FRUITS_MAX_COST_USD", "25")))
+    # Backlogs: a run takes the oldest ready batches (by _READY time) up to this many photos, at least one
+    # batch; the rest waits for the next run (0: no cap).
+    max_images_per_run: int = field(default_factory=lambda: int(_env("FRUITS_MAX_IMAGES_PER_RUN", "1000000")))
     emr_service_role: str = field(
         default_factory=lambda: _env("FRUITS_EMR_SERVICE_ROLE", "fruits-emr-service-role")
     )

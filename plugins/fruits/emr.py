@@ -148,6 +148,8 @@ def job_flow_request(plan: dict[str, Any], staged: dict[str, Any], s: Settings) 
     """The RunJobFlow request: everything about the cluster, in one place."""
     layout = Layout(s.bucket)
     emr_tuning(s.emr_core_type, s.emr_primary_type, python_path(s))  # unknown instance types fail here
+    # Sized to the run's photos by the plan (plan.size_cluster), which also checked its cost.
+    core_nodes = int((plan.get("sizing") or {}).get("core_nodes") or s.emr_core_count)
     instances: dict[str, Any] = {
         "InstanceGroups": [
             {
@@ -162,7 +164,7 @@ def job_flow_request(plan: dict[str, Any], staged: dict[str, Any], s: Settings) 
                 "InstanceRole": "CORE",
                 "Market": "ON_DEMAND",
                 "InstanceType": s.emr_core_type,
-                "InstanceCount": s.emr_core_count,
+                "InstanceCount": core_nodes,
             },
         ],
         # Backstop 1: the cluster ends by itself once no step is left (the steps are added right after
@@ -173,7 +175,7 @@ def job_flow_request(plan: dict[str, Any], staged: dict[str, Any], s: Settings) 
     if s.emr_subnet_id:
         instances["Ec2SubnetId"] = s.emr_subnet_id
     run_id = safe_run_id(plan["run_id"])
-    return {
+    request: dict[str, Any] = {
         "Name": f"fruits-{run_id}"[:256],
         "ReleaseLabel": s.emr_release,
         "LogUri": layout.uri(layout.emr_logs),
@@ -210,11 +212,25 @@ def job_flow_request(plan: dict[str, Any], staged: dict[str, Any], s: Settings) 
         "Tags": [
             {"Key": "project", "Value": "fruits"},
             {"Key": "fruits:run_id", "Value": run_id[:256]},
-            {"Key": "fruits:batches", "Value": str(len(plan["batches"]))},
+            {"Key": "fruits:batches", "Value": str(plan["new_batches"])},
             # Required by the AmazonEMRServicePolicy_v2 managed policy of the service role.
             {"Key": "for-use-with-amazon-emr-managed-policies", "Value": "true"},
         ],
     }
+    if s.emr_managed_scaling:
+        # EMR may shrink the core group to FRUITS_EMR_CORE_COUNT when it idles (the PCA step needs less
+        # than embed) and grow it back up to the sized count, never beyond: the plan's cost bound holds.
+        low = min(s.emr_core_count, core_nodes)
+        request["ManagedScalingPolicy"] = {
+            "ComputeLimits": {
+                "UnitType": "Instances",
+                "MinimumCapacityUnits": low,
+                "MaximumCapacityUnits": core_nodes,
+                "MaximumCoreCapacityUnits": core_nodes,
+                "MaximumOnDemandCapacityUnits": core_nodes,
+            }
+        }
+    return request
 
 
 def _with_arg(args: list[str], flag: str, value: str) -> list[str]:

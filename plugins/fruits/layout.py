@@ -7,6 +7,23 @@ from dataclasses import dataclass
 
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 READY_MARKER = "_READY"
+# Files under runs/RUN_ID/ (README, "Data contract"), by who writes them:
+RUN_FILES = (
+    "candidates.json",  # find_new_batches: the batches taken (oldest _READY first) and those deferred
+    "claimed.json",  # claim_batches: the batches this run holds a claim on
+    "batches.json",  # plan: new batches, new ones already in the ledger (force), old ones re-transformed
+    "inputs.jsonl",  # plan: the embed step's manifest, one line per input file
+    "pca_batches.json",  # plan: the PCA step's {"fit": [...], "transform": [...]}
+    "expected.json",  # plan: {batch_id: input files} for every batch the run (re)writes
+    "ignored.json",  # plan: {batch_id: [hidden-named keys]}
+    "embed.json",  # embed step: metrics
+    "pca.json",  # pca step: metrics
+    "embed_validation.json",  # embed step: its own checks
+    "pca_validation.json",  # pca step: its own checks
+    "validation.json",  # validate: the per-batch results
+    "summary.json",  # summarize
+    "report.json",  # report
+)
 
 
 def is_hidden(key_part: str) -> bool:
@@ -74,6 +91,12 @@ class Layout:
 
     def run_prefix(self, run_id: str) -> str:
         return f"{self.runs}{safe_run_id(run_id)}/"
+
+    def run_file(self, run_id: str, name: str) -> str:
+        """A file of one run (RUN_FILES): what names batches travels between tasks and steps this way,
+        never in step arguments or XCom, so neither grows with the batch count."""
+        assert name in RUN_FILES, name
+        return f"{self.run_prefix(run_id)}{name}"
 
     def report_key(self, run_id: str) -> str:
         """One self-contained HTML page per run (plugins/fruits/report.py)."""

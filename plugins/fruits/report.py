@@ -341,6 +341,13 @@ def render(ctx: dict[str, Any]) -> str:
         + "".join(f"<div class='card'><b>{_num(v)}</b><span>{_e(t)}</span></div>" for v, t in cards)
         + "</div>",
     ]
+    deferred = s.get("deferred")  # left for the next run by max_images_per_run (plan.find_batches)
+    if deferred:
+        parts.append(
+            f"<p class='warn' id='deferred'>Backlog: {_num(deferred['batches'])} ready batch(es) with "
+            f"{_num(deferred['photos'])} photos wait for the next run (max_images_per_run = "
+            f"{_num(deferred['max_images_per_run'])}; the oldest batches go first).</p>"
+        )
 
     # batches and images
     rows = [

@@ -1,4 +1,9 @@
-"""The two Spark steps' job arguments, built from the run plan. Shared by the local and EMR backends."""
+"""The two Spark steps' job arguments, built from the run plan. Shared by the local and EMR backends.
+
+No batch id is ever an argument: the embed step reads its batches from the input manifest and the PCA
+step from the run's pca_batches.json, so a step's arguments stay a few hundred characters whatever the
+run holds (AddJobFlowSteps refuses more than 10,240 per step).
+"""
 
 from __future__ import annotations
 
@@ -11,40 +16,38 @@ from fruits.layout import Layout
 class PcaPlan:
     version: str
     fit: bool
-    fit_batches: tuple[str, ...]
-    transform_batches: tuple[str, ...]
     mode: str  # "variance" | "fixed"
     k: int | None
     variance_target: float
     max_k: int
+    fit_batches: int  # how many batches the fit may sample from (the ids are in pca_batches.json)
+    transform_batches: int
 
 
 def embed_args(
     layout: Layout,
-    batches: list[str],
     weights_uri: str,
     engine: str,
     threads: int | None,
     onnx_uri: str | None,
-    run_prefix: str,
+    run_id: str,
     region: str,
 ) -> list[str]:
-    args = ["--input-root", layout.uri(layout.incoming.rstrip("/"))]
-    for b in batches:
-        args += ["--batch", b]
-    args += [
+    args = [
+        "--input-root",
+        layout.uri(layout.incoming.rstrip("/")),
         "--embeddings-out",
         layout.uri(layout.embeddings.rstrip("/")),
         "--rejects-out",
         layout.uri(layout.rejects.rstrip("/")),
         "--manifest",
-        layout.uri(f"{run_prefix}inputs.jsonl"),
+        layout.uri(layout.run_file(run_id, "inputs.jsonl")),
         "--weights",
         weights_uri,
         "--engine",
         engine,
         "--metrics-out",
-        layout.uri(f"{run_prefix}embed.json"),
+        layout.uri(layout.run_file(run_id, "embed.json")),
         "--s3-region",  # the job reads the photos with its own S3 client, which must sign for the bucket
         region,
     ]
@@ -55,7 +58,7 @@ def embed_args(
     return args
 
 
-def pca_args(layout: Layout, plan: PcaPlan, run_prefix: str) -> list[str]:
+def pca_args(layout: Layout, plan: PcaPlan, run_id: str) -> list[str]:
     args = [
         "--embeddings-root",
         layout.uri(layout.embeddings.rstrip("/")),
@@ -66,14 +69,12 @@ def pca_args(layout: Layout, plan: PcaPlan, run_prefix: str) -> list[str]:
         "--version",
         plan.version,
         "--metrics-out",
-        layout.uri(f"{run_prefix}pca.json"),
+        layout.uri(layout.run_file(run_id, "pca.json")),
+        "--batches-file",  # {"fit": [...], "transform": [...]}
+        layout.uri(layout.run_file(run_id, "pca_batches.json")),
     ]
     if plan.fit:
         args.append("--fit")
-        for b in plan.fit_batches:
-            args += ["--fit-batch", b]
-    for b in plan.transform_batches:
-        args += ["--batch", b]
     if plan.mode == "fixed":
         args += ["--k", str(plan.k)]
     else:

@@ -1,0 +1,219 @@
+"""A local AWS endpoint (moto) that counts the requests it serves, by S3 API operation.
+
+    python scripts/counting_s3.py -H 127.0.0.1 -p PORT      # like `moto_server -H ... -p ...`
+
+moto's own WSGI app (`DomainDispatcherApplication(create_backend_app)`, what `moto_server` runs) does all
+the work; a small middleware in front of it names each request's operation (ListObjectsV2, HeadObject,
+GetObject, PutObject, ...) from its method, path, query and headers, the way the S3 REST API defines them,
+and counts it. Counted from the server's side, so every client is seen: boto3 in Airflow, s3a in Spark,
+obstore in the embed job.
+
+    GET  /_counts   -> {"total": S3 requests, "s3": {operation: n}, "other": {"service:Operation": n}}
+    POST /_counts   -> the same, then every count is set to zero
+
+`/_counts` is not an S3 path (bucket names cannot start with `_`); `/moto-api/...` (moto's reset and
+dashboard) is served and not counted. Used by tests/conftest.py, scripts/devstack.py and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+COUNTS_PATH = "/_counts"
+
+# Sub-resources named in the query string: GET/PUT/DELETE + this name is the operation.
+_BUCKET_SUBRESOURCES = {
+    "acl": "BucketAcl",
+    "cors": "BucketCors",
+    "encryption": "BucketEncryption",
+    "lifecycle": "BucketLifecycleConfiguration",
+    "logging": "BucketLogging",
+    "notification": "BucketNotificationConfiguration",
+    "ownershipControls": "BucketOwnershipControls",
+    "policy": "BucketPolicy",
+    "publicAccessBlock": "PublicAccessBlock",
+    "tagging": "BucketTagging",
+    "versioning": "BucketVersioning",
+    "website": "BucketWebsite",
+}
+_OBJECT_SUBRESOURCES = {"acl": "ObjectAcl", "tagging": "ObjectTagging", "retention": "ObjectRetention"}
+_VERB = {"GET": "Get", "PUT": "Put", "DELETE": "Delete"}
+_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+
+
+def _service(environ: dict[str, Any], query: dict[str, list[str]]) -> str:
+    """The SigV4 credential scope names the service; unsigned and SigV2 requests are S3's."""
+    scope = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    if scope:
+        return scope.group(1)
+    credential = (query.get("X-Amz-Credential") or [""])[0].split("/")
+    return credential[3] if len(credential) > 3 else "s3"
+
+
+def _bucket_and_key(environ: dict[str, Any]) -> tuple[str, str]:
+    path = environ.get("PATH_INFO", "/")
+    host = environ.get("HTTP_HOST", "").split(":")[0]
+    if host.endswith(".localhost"):  # virtual-hosted style on a local name: the bucket is in the host
+        return host[: -len(".localhost")], path.lstrip("/")
+    bucket, _, key = path.lstrip("/").partition("/")
+    return bucket, key
+
+
+def s3_operation(method: str, bucket: str, key: str, query: dict[str, list[str]], copy: bool) -> str:
+    """The S3 API operation name of one REST request (path-style)."""
+    if not bucket:
+        return "ListBuckets" if method == "GET" else f"{method} /"
+    if not key:  # bucket-level
+        if method == "HEAD":
+            return "HeadBucket"
+        if method == "POST" and "delete" in query:
+            return "DeleteObjects"
+        if method == "GET":
+            for name, op in (
+                ("list-type", "ListObjectsV2"),
+                ("versions", "ListObjectVersions"),
+                ("uploads", "ListMultipartUploads"),
+                ("location", "GetBucketLocation"),
+            ):
+                if name in query:
+                    return op if name != "list-type" or query[name] == ["2"] else "ListObjects"
+        for name, suffix in _BUCKET_SUBRESOURCES.items():
+            if name in query and method in _VERB:
+                return _VERB[method] + suffix
+        return {"GET": "ListObjects", "PUT": "CreateBucket", "DELETE": "DeleteBucket"}.get(
+            method, f"{method} bucket"
+        )
+    # object-level
+    if method == "HEAD":
+        return "HeadObject"
+    if "uploadId" in query:
+        if method == "PUT":
+            return "UploadPartCopy" if copy else "UploadPart"
+        return {
+            "GET": "ListParts",
+            "POST": "CompleteMultipartUpload",
+            "DELETE": "AbortMultipartUpload",
+        }.get(method, f"{method} upload")
+    if method == "POST":
+        for name, op in (("uploads", "CreateMultipartUpload"), ("restore", "RestoreObject")):
+            if name in query:
+                return op
+        return "SelectObjectContent" if "select" in query else "POST object"
+    if "attributes" in query and method == "GET":
+        return "GetObjectAttributes"
+    for name, suffix in _OBJECT_SUBRESOURCES.items():
+        if name in query and method in _VERB:
+            return _VERB[method] + suffix
+    if method == "PUT":
+        return "CopyObject" if copy else "PutObject"
+    return {"GET": "GetObject", "DELETE": "DeleteObject"}.get(method, f"{method} object")
+
+
+class RequestCounter:
+    """WSGI middleware: counts each request by operation, answers /_counts, passes the rest on."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+        self.s3: Counter[str] = Counter()
+        self.other: Counter[str] = Counter()
+
+    def snapshot(self, reset: bool = False) -> dict[str, Any]:
+        with self.lock:
+            out = {"total": sum(self.s3.values()), "s3": dict(self.s3), "other": dict(self.other)}
+            if reset:
+                self.s3.clear()
+                self.other.clear()
+        return out
+
+    def classify(self, environ: dict[str, Any]) -> tuple[str, str]:
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        method = environ.get("REQUEST_METHOD", "GET")
+        service = _service(environ, query)
+        if service != "s3":
+            target = environ.get("HTTP_X_AMZ_TARGET", "")  # JSON protocols: "ElasticMapReduce.RunJobFlow"
+            action = target.rsplit(".", 1)[-1] if target else (query.get("Action") or [method])[0]
+            return "other", f"{service}:{action}"
+        bucket, key = _bucket_and_key(environ)
+        copy = "HTTP_X_AMZ_COPY_SOURCE" in environ
+        return "s3", s3_operation(method, bucket, key, query, copy)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == COUNTS_PATH:
+            body = json.dumps(self.snapshot(reset=environ.get("REQUEST_METHOD") == "POST")).encode()
+            start_response(
+                "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            )
+            return [body]
+        if not path.startswith("/moto-api"):
+            kind, op = self.classify(environ)
+            with self.lock:
+                (self.s3 if kind == "s3" else self.other)[op] += 1
+        return self.app(environ, start_response)
+
+
+def counting_app() -> RequestCounter:
+    from moto.server import DomainDispatcherApplication, create_backend_app
+
+    return RequestCounter(DomainDispatcherApplication(create_backend_app))
+
+
+class CountingMotoServer:
+    """In-process, threaded (as moto's ThreadedMotoServer), for code that must share moto's backends."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        from moto.server import MotoRequestHandler
+        from werkzeug.serving import make_server
+
+        self.app = counting_app()
+        self.server = make_server(host, port, self.app, threaded=True, request_handler=MotoRequestHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> CountingMotoServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+def read_counts(endpoint: str, reset: bool = False) -> dict[str, Any]:
+    """The server's counts over HTTP (POST also resets them)."""
+    req = urllib.request.Request(f"{endpoint.rstrip('/')}{COUNTS_PATH}", method="POST" if reset else "GET")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from moto.server import MotoRequestHandler
+    from werkzeug.serving import run_simple
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-H", "--host", default="127.0.0.1")
+    ap.add_argument("-p", "--port", type=int, default=5000)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MOTO_PORT", str(args.port))  # as moto_server: some services build URLs with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    run_simple(args.host, args.port, counting_app(), threaded=True, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    main()
