@@ -29,7 +29,7 @@ export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup venv jars blas demo test test-fast bench lint clean s3-start s3-stop up down chromium
+.PHONY: help setup venv jars blas demo test test-fast bench stage-weights lint clean s3-start s3-stop up down chromium
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
@@ -104,6 +104,11 @@ down:
 chromium:
 	@command -v chromium >/dev/null || { echo "==> installing chromium (apt, about 1 min)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+# The MobileNetV2 weights from ../shared to FRUITS_WEIGHTS_URI, through the aws_default connection (the
+# local S3 of `make demo` by default; set AIRFLOW_CONN_AWS_DEFAULT or S3_PORT for another stack).
+stage-weights: venv
+	@$(BIN)/python scripts/devstack.py stage-weights
 
 s3-start: venv
 	@$(BIN)/python scripts/devstack.py s3-start

@@ -1,6 +1,6 @@
 """Local stack for the demo, the tests and the UI: a moto S3 server, the bucket, weights, batches.
 
-    python scripts/devstack.py s3-start | s3-stop | seed [--data DIR --batch ID] | demo [--data DIR]
+    python scripts/devstack.py s3-start | s3-stop | stage-weights | seed [--data DIR --batch ID] | demo [--data DIR]
 
 S3 calls go through the amazon provider's S3Hook and the AWS connection from the environment, exactly as
 in the DAG; only the server's lifecycle is handled here.
@@ -289,6 +289,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("s3-start")
     sub.add_parser("s3-stop")
+    sub.add_parser("stage-weights", help="upload ../shared's MobileNetV2 weights to FRUITS_WEIGHTS_URI")
     seed = sub.add_parser("seed")
     seed.add_argument("--data", type=Path, default=DEFAULT_DATA)
     seed.add_argument("--batch", default="demo")
@@ -300,6 +301,10 @@ def main() -> None:
         s3_start()
     elif args.cmd == "s3-stop":
         s3_stop()
+    elif args.cmd == "stage-weights":
+        from fruits.config import settings
+
+        stage_weights(settings().bucket)
     elif args.cmd == "seed":
         from fruits.config import settings
 

@@ -169,7 +169,7 @@ class Catalog:
         """Every record: for a refit, which re-transforms every batch anyway, never for a normal run."""
         return self.read_records(sorted(self.ledger_listing()))
 
-    def check_state(self, refit: bool) -> None:
+    def check_state(self, refit: bool, redo: tuple[str, ...] = ()) -> None:
         """Refuse to run on damaged bookkeeping rather than silently redo everything. Raises CatalogError
         with the way to recover.
 
@@ -188,12 +188,20 @@ class Catalog:
                     "be a ledger record, it was not written by this pipeline or was damaged. Restore it "
                     "from S3 versioning, or delete it to let the pipeline process the batch again."
                 )
-        if not listing and self._any_completed_run():
+        if not listing and not redo and self._any_completed_run():
+            # `redo`: the batches a forced run names. Recomputing them on purpose is the way out offered
+            # here, so it must get past this check (and it rebuilds their records).
+            known = self.batch_ids()
+            example = json.dumps({"force": True, "batch_ids": known[:3] or ["BATCH"]})
             raise CatalogError(
                 f"the ledger {where}{self.layout.ledger} is empty but completed runs are recorded under "
                 f"{where}{self.layout.runs}: the ledger was lost. Restore it from S3 versioning; or, to "
-                "recompute on purpose, trigger with force=true and the batch_ids to redo."
+                f"recompute on purpose, trigger with force=true and the batch_ids to redo, for example "
+                f"`airflow dags trigger fruits_embeddings --conf '{example}'` ({len(known)} batch(es) "
+                f"under {where}{self.layout.incoming})."
             )
+        if not listing and redo:
+            log.warning("the ledger is empty: recomputing %s on purpose (force=true)", redo[:20])
         if refit:
             return
         pointer = self.read_json(self.layout.pca_current)

@@ -139,8 +139,11 @@ def preflight(catalog: Catalog, p: RunParams) -> None:
         wb, _, wkey = p.weights_uri[len("s3://") :].partition("/")
         if not hook.check_for_key(wkey, wb):
             raise ParamError(
-                f"weights file {p.weights_uri} does not exist. Upload mobilenet_v2_1.0_224_no_top.h5 there "
-                "(`make stage-weights` does it locally) or set weights_uri / FRUITS_WEIGHTS_URI."
+                f"weights file {p.weights_uri} does not exist. Upload mobilenet_v2_1.0_224_no_top.h5 "
+                f"(MobileNetV2 ImageNet, no top) there: on AWS `aws s3 cp mobilenet_v2_1.0_224_no_top.h5 "
+                f"{p.weights_uri}`; on the local stack `make stage-weights`, which uploads ../shared's copy "
+                "to FRUITS_WEIGHTS_URI through the aws_default connection. Or point weights_uri / "
+                "FRUITS_WEIGHTS_URI at the file."
             )
     if p.batch_ids:
         ready = catalog.ready_times(list(p.batch_ids))
@@ -158,7 +161,7 @@ def preflight(catalog: Catalog, p: RunParams) -> None:
                 f"batch(es) {not_ready} have no _READY marker: their upload may be incomplete. "
                 "Put the marker once the upload is complete, then trigger again."
             )
-    catalog.check_state(refit=p.refit)
+    catalog.check_state(refit=p.refit, redo=p.batch_ids if p.force else ())
 
 
 def find_batches(catalog: Catalog, p: RunParams, run_id: str) -> dict[str, Any] | None:
@@ -336,7 +339,8 @@ def build_plan(
     for the expected counts and the rows to transform, none of which goes into the returned plan."""
     layout: Layout = catalog.layout
     listing = catalog.ledger_listing()
-    current = catalog.current_pca()
+    # A refit needs no current model: it is the way out when that model is lost or damaged.
+    current = None if p.refit else catalog.current_pca()
     fit = p.refit or current is None
     new = sorted(batches)
     old = sorted(set(listing) - set(new)) if fit else []
