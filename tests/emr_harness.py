@@ -11,7 +11,8 @@ moto answers RunJobFlow, AddJobFlowSteps, DescribeStep, TerminateJobFlows..., bu
   to LOGURI/CLUSTER_ID/steps/STEP_ID/ in S3, as EMR does, before the state changes.
 - ActionOnFailure is applied (CANCEL_AND_WAIT cancels the later steps; TERMINATE_CLUSTER also ends the
   cluster), and KeepJobFlowAliveWhenNoSteps=false ends a cluster once it has had steps and none is left.
-- Each bootstrap action script must exist in S3 and pass `bash -n`, and its requirements must be pinned;
+- Each bootstrap action script must exist in S3 and pass `bash -n`, and each entry of its requirements
+  must be pinned (name==version) with hashes, as pip's hash-checking mode on the nodes needs;
   otherwise the cluster ends with BOOTSTRAP_FAILURE. The script is not run (it would install TensorFlow).
 
 What RunJobFlow and AddJobFlowSteps refuse on AWS is refused here too (ValidationException or
@@ -33,8 +34,10 @@ cluster was created with (as the nodes' credentials come from it), and uses thos
 Spark (s3a and the job's own S3 client), for fetching the step's files and the bootstrap script, and for
 writing the step logs. With IAM enforced, anything that role's policy does not allow fails the step.
 
-Three places where moto differs from EMR are corrected, so the DAG meets EMR's behaviour:
+Five places where moto differs from AWS are corrected, so the DAG meets EMR's behaviour:
 - moto files every EMR call to a custom endpoint under us-east-1; here the SigV4-signed region is used.
+- moto authorizes HeadBucket as s3:HeadBucket, which does not exist in IAM; here as s3:ListBucket (AWS).
+- moto authorizes DeleteObjects as s3:DeleteObject on the bucket; here on each key, as AWS does.
 - moto ends a cluster created without steps at once when KeepJobFlowAliveWhenNoSteps=false; EMR spends
   minutes starting, and steps added meanwhile run first.
 - moto's DescribeStep has no FailureDetails; a step failed here gets them, as on EMR.
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import xmltodict
 from iam_eval import decide
 from moto import settings as moto_settings
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -76,6 +80,8 @@ from moto.emr.models import emr_backends
 from moto.emr.responses import ElasticMapReduceResponse
 from moto.iam.access_control import IAMPolicy, create_access_key
 from moto.iam.models import iam_backends
+from moto.s3 import responses as s3_responses
+from moto.s3.responses import S3Response
 from moto.sts.models import sts_backends
 
 log = logging.getLogger("emr_harness")
@@ -99,6 +105,14 @@ class StepRun:
     returncode: int
     seconds: float
     stderr_tail: list[str] = field(default_factory=list)
+
+
+def requirement_entries(text: str) -> list[str]:
+    """A requirements file's entries, each with its continuation lines (hashes) joined, comments left out."""
+    joined = re.sub(r"\\\n", " ", text)
+    return [
+        line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _plain(value: Any) -> Any:
@@ -146,7 +160,9 @@ class EmrHarness:
 
     def _restore(self) -> None:
         for obj, name, original in reversed(self._undo):
-            if original is _MISSING:
+            if isinstance(obj, dict):
+                obj[name] = original
+            elif original is _MISSING:
                 delattr(obj, name)
             else:
                 setattr(obj, name, original)
@@ -171,6 +187,11 @@ class EmrHarness:
     def _patch(self) -> None:
         harness = self
         self._set(ElasticMapReduceResponse, "get_region_from_url", BaseResponse.get_region_from_url)
+        # AWS authorizes HeadBucket as s3:ListBucket (there is no s3:HeadBucket permission); moto asks for
+        # "s3:HeadBucket", which no real policy grants.
+        head = s3_responses.ACTION_MAP["BUCKET"]["HEAD"]
+        self._undo.append((head, "DEFAULT", head["DEFAULT"]))
+        head["DEFAULT"] = "ListBucket"
 
         original_run = ElasticMapReduceResponse.run_job_flow
         original_add_steps = ElasticMapReduceResponse.add_job_flow_steps
@@ -204,6 +225,27 @@ class EmrHarness:
             if harness.iam_enforced():
                 harness._authorize_with_conditions(resp, resource)
 
+        original_post = S3Response._bucket_response_post
+
+        def bucket_post(resp: S3Response, request: Any, bucket_name: str) -> Any:
+            """DeleteObjects: AWS authorizes s3:DeleteObject per key; moto on the bucket ARN, which no
+            key-scoped policy allows. Here each key is authorized; if all are, the delete goes ahead."""
+            resp.path = resp._get_path(request)
+            if harness.iam_enforced() and request.headers.get("Content-Length") and resp.is_delete_keys():
+                objects = xmltodict.parse(resp.body, strip_whitespace=False)["Delete"].get("Object", [])
+                objects = objects if isinstance(objects, list) else [objects]
+                resp.data["Action"] = "DeleteObject"
+                try:
+                    for obj in objects:
+                        resp._authenticate_and_authorize_s3_action(
+                            bucket_name=bucket_name, key_name=obj["Key"]
+                        )
+                except Exception:
+                    return original_post(resp, request, bucket_name)
+                return resp._bucket_response_delete_keys(bucket_name)
+            return original_post(resp, request, bucket_name)
+
+        self._set(S3Response, "_bucket_response_post", bucket_post)
         self._set(ElasticMapReduceResponse, "run_job_flow", run_job_flow)
         self._set(ElasticMapReduceResponse, "add_job_flow_steps", add_job_flow_steps)
         self._set(ElasticMapReduceResponse, "_determine_resource", determine_resource)
@@ -395,7 +437,11 @@ class EmrHarness:
     def clusters(self) -> list[tuple[str, Any]]:
         """(region, cluster) for every cluster moto holds."""
         out = []
-        for region in list(emr_backends[DEFAULT_ACCOUNT_ID].keys()):
+        try:
+            regions = list(emr_backends[DEFAULT_ACCOUNT_ID].keys())
+        except KeyError:  # nothing asked of EMR since the last reset
+            return []
+        for region in regions:
             backend = emr_backends[DEFAULT_ACCOUNT_ID][region]
             out += [(region, c) for c in list(backend.clusters.values())]
         return out
@@ -444,12 +490,13 @@ class EmrHarness:
                     if arg.startswith("s3://"):
                         req = self._download(cluster, arg, f"{cluster.id}-bootstrap").read_text()
                         unpinned = [
-                            line
-                            for line in req.splitlines()
-                            if line.strip() and not line.startswith("#") and "==" not in line
+                            entry.split()[0]
+                            for entry in requirement_entries(req)
+                            if not re.match(r"^[A-Za-z0-9._-]+==[^\s;]+", entry)
+                            or "--hash=sha256:" not in entry
                         ]
                         if unpinned:
-                            problems.append(f"{arg}: unpinned {unpinned}")
+                            problems.append(f"{arg}: not pinned with hashes {unpinned}")
             except Exception as exc:
                 problems.append(f"{action.script_path}: {exc}")
         self.bootstrap_checked[cluster.id] = checked
@@ -492,7 +539,14 @@ class EmrHarness:
         }
         step.last_state_change_reason = step.failure_details["Reason"]
         step.state = "FAILED"
-        log.warning("step %s (%s) failed: %s", step.name, step.id, "\n".join(tail[-10:]))
+        out_tail = [line for line in stdout.splitlines() if line.strip()][-40:]
+        log.warning(
+            "step %s (%s) failed:\nstderr:\n%s\nstdout:\n%s",
+            step.name,
+            step.id,
+            "\n".join(line for line in tail if " INFO " not in line),
+            "\n".join(out_tail),
+        )
         if step.action_on_failure in ("CANCEL_AND_WAIT", "TERMINATE_CLUSTER", "TERMINATE_JOB_FLOW"):
             self._cancel_pending(cluster, f"Cancelled: step {step.name} failed")
         if step.action_on_failure in ("TERMINATE_CLUSTER", "TERMINATE_JOB_FLOW"):
