@@ -34,10 +34,12 @@ cluster was created with (as the nodes' credentials come from it), and uses thos
 Spark (s3a and the job's own S3 client), for fetching the step's files and the bootstrap script, and for
 writing the step logs. With IAM enforced, anything that role's policy does not allow fails the step.
 
-Five places where moto differs from AWS are corrected, so the DAG meets EMR's behaviour:
+Six places where moto differs from AWS are corrected, so the DAG meets EMR's behaviour:
 - moto files every EMR call to a custom endpoint under us-east-1; here the SigV4-signed region is used.
 - moto authorizes HeadBucket as s3:HeadBucket, which does not exist in IAM; here as s3:ListBucket (AWS).
 - moto authorizes DeleteObjects as s3:DeleteObject on the bucket; here on each key, as AWS does.
+- moto checks a signature by re-signing with botocore, which leaves User-Agent out; the Java SDK behind
+  s3a signs it (AWS accepts that), so here the headers the client signed are the ones re-signed.
 - moto ends a cluster created without steps at once when KeepJobFlowAliveWhenNoSteps=false; EMR spends
   minutes starting, and steps added meanwhile run first.
 - moto's DescribeStep has no FailureDetails; a step failed here gets them, as on EMR.
@@ -66,6 +68,8 @@ from typing import Any
 
 import boto3
 import xmltodict
+from botocore.auth import S3SigV4Auth, SigV4Auth
+from botocore.awsrequest import HTTPHeaders
 from iam_eval import decide
 from moto import settings as moto_settings
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -78,7 +82,7 @@ from moto.emr import models as emr_models
 from moto.emr.exceptions import ValidationException
 from moto.emr.models import emr_backends
 from moto.emr.responses import ElasticMapReduceResponse
-from moto.iam.access_control import IAMPolicy, create_access_key
+from moto.iam.access_control import IAMPolicy, IAMRequest, S3IAMRequest, create_access_key
 from moto.iam.models import iam_backends
 from moto.s3 import responses as s3_responses
 from moto.s3.responses import S3Response
@@ -105,6 +109,22 @@ class StepRun:
     returncode: int
     seconds: float
     stderr_tail: list[str] = field(default_factory=list)
+
+
+def _SignedHeadersAuth(base: type, credentials: Any, service: str, region: str, signed: list[str]) -> Any:
+    """botocore's SigV4 signer, signing exactly the headers the client signed. moto recomputes a request's
+    signature with botocore, which never signs User-Agent; the AWS SDK for Java (Spark's s3a) does, and AWS
+    accepts it, so without this every s3a request fails moto's signature check once IAM is enforced."""
+
+    class Auth(base):  # type: ignore[misc, valid-type]
+        def headers_to_sign(self, request: Any) -> Any:
+            headers = HTTPHeaders()
+            for name, value in request.headers.items():
+                if name.lower() in signed:
+                    headers[name.lower()] = value
+            return headers
+
+    return Auth(credentials, service, region)
 
 
 def requirement_entries(text: str) -> list[str]:
@@ -224,6 +244,16 @@ class EmrHarness:
             original_auth(resp, resource)  # moto: signature, action and resource
             if harness.iam_enforced():
                 harness._authorize_with_conditions(resp, resource)
+
+        def sign_what_was_signed(auth_cls: type) -> Any:
+            def create_auth(req: Any, credentials: Any) -> Any:
+                signed = req._get_string_between("SignedHeaders=", ",", req._headers["Authorization"])
+                return _SignedHeadersAuth(auth_cls, credentials, req._service, req._region, signed.split(";"))
+
+            return create_auth
+
+        self._set(S3IAMRequest, "_create_auth", sign_what_was_signed(S3SigV4Auth))
+        self._set(IAMRequest, "_create_auth", sign_what_was_signed(SigV4Auth))
 
         original_post = S3Response._bucket_response_post
 
