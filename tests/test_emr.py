@@ -536,3 +536,17 @@ def test_emr_refuses_steps_over_the_size_and_pending_limits(emr: EmrHarness, emr
     _, cluster = clusters_by_id(emr)[cluster_id]
     sizes = [len(s.jar) + sum(len(a) for a in s.args) for s in cluster.steps]
     assert sizes and max(sizes) <= MAX_STEP_ARGS_CHARS
+
+
+def test_compute_emr_without_a_subnet_fails_fast_saying_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 4: no FRUITS_EMR_SUBNET_ID would put the cluster in the untagged default VPC."""
+    from fruits.config import Settings
+    from fruits.plan import ParamError, parse_params
+
+    monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "")
+    with pytest.raises(ParamError, match="compute=emr needs FRUITS_EMR_SUBNET_ID") as info:
+        parse_params({"compute": "emr"}, Settings())
+    assert "for-use-with-amazon-emr-managed-policies=true" in str(info.value)
+    assert parse_params({"compute": "local"}, Settings()).compute == "local"  # local needs no subnet
+    monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "subnet-0abc")
+    assert parse_params({"compute": "emr"}, Settings()).compute == "emr"

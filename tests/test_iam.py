@@ -82,6 +82,10 @@ def test_emrfs_folder_markers_of_every_folder_the_steps_create_are_allowed() -> 
     assert {"models", "models/pca", "embeddings", "runs"} <= folders
     for folder in sorted(folders):
         assert decide(INSTANCE, "s3:PutObject", obj(f"{folder}_$folder$")) == "allow", folder
+        # A Hadoop file system creating a folder first looks at each parent (HEAD folder, folder/, marker):
+        # a 403 there fails the step (seen with s3a in tests/test_emr.py before this was allowed).
+        for probe in (folder, f"{folder}/", f"{folder}_$folder$"):
+            assert decide(INSTANCE, "s3:GetObject", obj(probe)) == "allow", probe
     assert decide(INSTANCE, "s3:PutObject", obj("ledger_$folder$")) == "implicit-deny"
 
 
