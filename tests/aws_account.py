@@ -5,6 +5,7 @@ policies filled in, the instance profile named as its role, the EMR cleanup serv
 a subnet tagged for AmazonEMRServicePolicy_v2), plus the two principals the tests act as:
 - `airflow`: an IAM user holding exactly airflow-policy.json (with `local_compute`, also
   airflow-local-compute-policy.json), whose keys the DAG's tasks use;
+- `airflow-local`: a user holding airflow-policy.json and airflow-local-compute-policy.json (compute=local);
 - `admin`: an IAM user allowed everything, for the tests' own fixtures (uploading photos, reading back).
 The EMR instance role's keys are not made here: the harness assumes the role behind the cluster's own
 instance profile, as the nodes do.
@@ -117,6 +118,15 @@ def set_up(
     if local_compute:
         airflow["fruits-airflow-local-compute"] = doc("airflow-local-compute-policy.json")
     account.keys["airflow"] = _user(iam, "fruits-airflow", airflow)
+    # compute=local on AWS: the same principal plus the local-compute policy (README step 4)
+    account.keys["airflow-local"] = _user(
+        iam,
+        "fruits-airflow-local",
+        {
+            "fruits-airflow": doc("airflow-policy.json"),
+            "fruits-airflow-local-compute": doc("airflow-local-compute-policy.json"),
+        },
+    )
 
     if "service-role" not in skip:
         iam.create_role(

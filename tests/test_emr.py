@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from typing import TextIO
@@ -372,20 +371,6 @@ def test_non_eu_region_fails_before_creating_anything(emr: EmrHarness) -> None:
     assert any("region='us-east-1' is outside the EU" in line for line in logged)
 
 
-def test_bootstrap_pins_match_the_lock() -> None:
-    """The cluster installs exactly the versions the tests ran with."""
-    lock = tomllib.loads((REPO / "uv.lock").read_text())
-    locked = {p["name"]: p["version"] for p in lock["package"]}
-    pins = [
-        line.split("==")
-        for line in (REPO / "bootstrap" / "requirements-emr.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert len(pins) >= 8
-    for name, version in pins:
-        assert locked.get(name) == version, (name, version, locked.get(name))
-
-
 def test_iam_policies_are_scoped_to_the_bucket() -> None:
     folder = REPO / "bootstrap" / "iam"
     docs = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
@@ -550,3 +535,23 @@ def test_compute_emr_without_a_subnet_fails_fast_saying_what_to_set(monkeypatch:
     assert parse_params({"compute": "local"}, Settings()).compute == "local"  # local needs no subnet
     monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "subnet-0abc")
     assert parse_params({"compute": "emr"}, Settings()).compute == "emr"
+
+
+def test_compute_local_on_aws_needs_and_gets_its_own_policy(
+    emr: EmrHarness, emr_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute=local with IAM enforced: the worker's Spark writes the outputs with Airflow's principal, so
+    airflow-policy.json alone is refused (AccessDenied, nothing recorded), and with
+    airflow-local-compute-policy.json added the run succeeds."""
+    batch = "emr-b5-local"
+    upload_sample(batch, sample_files("Training", labels=1, per_label=2, offset=9))
+    dagrun = run_dag({"compute": "local", "batch_ids": [batch]})
+    states = task_states(dagrun)
+    assert states["embed"] == "failed" and states["commit"] == "upstream_failed"
+    assert not list_keys(f"ledger/batches/{batch}")
+    monkeypatch.setenv("AIRFLOW_CONN_FRUITS_AIRFLOW", emr.account.connection("airflow-local"))  # type: ignore[attr-defined]
+    dagrun = run_dag({"compute": "local", "batch_ids": [batch]})
+    states = task_states(dagrun)
+    assert str(dagrun.state).endswith("success"), states
+    record = read_json(f"ledger/batches/{batch}.json")
+    assert (record["files"], record["embedded"]) == (2, 2)
