@@ -203,7 +203,9 @@ def fruits_embeddings():
         """Only validated batches reach the ledger."""
         return commit_mod.commit(_catalog(), plan, validated)
 
-    @task
+    # After the compute has ended (on EMR: after terminate_cluster, skipped with compute=local), so the cost
+    # block is priced from the cluster's final timeline.
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def summarize(
         plan: dict[str, Any], validated: dict[str, Any], committed: dict[str, Any]
     ) -> dict[str, Any]:
@@ -211,7 +213,7 @@ def fruits_embeddings():
         seconds = (datetime.now(UTC) - datetime.fromisoformat(plan["started"])).total_seconds()
         summary = commit_mod.summarize(plan, validated, committed, seconds)
         cluster_id = get_current_context()["ti"].xcom_pull(task_ids="emr.create_cluster")
-        if cluster_id:  # compute=emr: instance-hours x price
+        if cluster_id:  # compute=emr: instance-hours x price, from the ended cluster's timeline
             summary["emr"] = emr.cluster_cost(cluster_id, plan["params"]["region"], settings())
         key = catalog.layout.run_file(plan["run_id"], "summary.json")
         catalog.write_json(key, {**summary, "run_id": plan["run_id"]})
@@ -267,6 +269,7 @@ def fruits_embeddings():
     committed = commit(plan, validated)
     summary = summarize(plan, validated, committed)
     [reduced, watched] >> validated
+    terminate_cluster >> summary
     summary >> release_claims(claimed)
     report(plan, summary)
 

@@ -11,6 +11,13 @@ Emulated: EMR's control plane only: moto's EMR API plus tests/emr_harness.py, wh
 step (the step's own argv, made local), sets its state from the real exit code, writes its logs to the
 LogUri, applies ActionOnFailure and KeepJobFlowAliveWhenNoSteps, and checks (does not run) the bootstrap
 action. There is no EC2, YARN, EMRFS or bootstrap install here.
+
+IAM is enforced (moto's INITIAL_NO_AUTH_ACTION_COUNT, tests/aws_account.py sets the account up as the
+README does): the DAG's tasks sign with the keys of a user holding exactly bootstrap/iam/airflow-policy.json,
+the steps with the keys of the cluster's instance role (emr-instance-role-policy.json, assumed through the
+instance profile named in the request), and the harness adds to moto's evaluation what AWS checks on EMR
+calls (resource ARNs, tag conditions, iam:PassRole per service) and what RunJobFlow and AddJobFlowSteps
+refuse (instance profile name, subnet and VPC tags, step size, pending steps).
 """
 
 from __future__ import annotations
@@ -23,13 +30,13 @@ import logging
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from typing import TextIO
 
 import numpy as np
 import pytest
+from aws_account import INSTANCE_ROLE, set_up
 from conftest import (
     BUCKET,
     REPO,
@@ -44,7 +51,7 @@ from conftest import (
     task_states,
     upload_sample,
 )
-from emr_harness import EmrHarness
+from emr_harness import MAX_PENDING_STEPS, MAX_STEP_ARGS_CHARS, EmrHarness
 
 E1, E2, E3 = "emr-b1", "emr-b2-broken-weights", "emr-b3-us"
 BROKEN_WEIGHTS = "test-fixtures/not_really_weights.h5"
@@ -113,7 +120,10 @@ def s3_bytes(uri: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def emr(airflow_db) -> Iterator[EmrHarness]:
-    """An in-process moto server (S3 + EMR) that the AWS connection points at, driven by the harness."""
+    """An in-process moto server (S3 + EMR + IAM + EC2) that the AWS connections point at, driven by the
+    harness, with IAM enforced: the DAG's tasks act as an IAM user holding exactly airflow-policy.json,
+    the steps as the cluster's instance role (emr-instance-role-policy.json), the test's own fixtures as an
+    administrator. An AccessDenied anywhere fails the run."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -129,8 +139,15 @@ def emr(airflow_db) -> Iterator[EmrHarness]:
         env.setenv("FRUITS_EMR_LOG_WAIT_S", "5")
         env.setenv("FRUITS_EMR_STEP_TIMEOUT_S", "900")
         with EmrHarness(endpoint) as harness:
-            fresh_bucket()
-            yield harness
+            fresh_bucket()  # as anyone: moto does not enforce IAM yet
+            account = set_up(endpoint, BUCKET)
+            env.setenv("AIRFLOW_CONN_AWS_DEFAULT", account.connection("admin"))  # the tests' fixtures
+            env.setenv("AIRFLOW_CONN_FRUITS_AIRFLOW", account.connection("airflow"))  # the DAG's tasks
+            env.setenv("FRUITS_AWS_CONN_ID", "fruits_airflow")
+            env.setenv("FRUITS_EMR_SUBNET_ID", account.subnet_id)
+            harness.account = account  # type: ignore[attr-defined]
+            with harness.enforce_iam():
+                yield harness
     server.stop()
 
 
@@ -171,6 +188,10 @@ def test_full_run_on_emr(emr: EmrHarness, emr_run) -> None:
     assert groups == {"MASTER": ("m5.xlarge", 1), "CORE": ("m5.xlarge", 2)}
     assert [a["Name"] for a in req["Applications"]] == ["Spark"]
     assert {"Key": "project", "Value": "fruits"} in req["Tags"]
+    # The instance profile EMR gets is named as its role, and the cluster goes to the tagged subnet.
+    assert req["JobFlowRole"] == INSTANCE_ROLE and req["ServiceRole"] == "fruits-emr-service-role"
+    assert req["Instances"]["Ec2SubnetId"] == emr.account.subnet_id  # type: ignore[attr-defined]
+    assert not emr.refused, emr.refused  # nothing was refused on the way (IAM enforced)
     (action,) = req["BootstrapActions"]
     script_uri, (requirements_uri, venv) = (
         action["ScriptBootstrapAction"]["Path"],
@@ -232,18 +253,44 @@ def test_full_run_on_emr(emr: EmrHarness, emr_run) -> None:
     assert (record["files"], record["embedded"], record["rejected"]) == (len(files), len(files), 0)
     assert not list_keys("ledger/claims/")
 
-    # The run's cost, from the cluster's own timeline and instance groups, priced from the config table.
+    # The run's cost: computed after the teardown, from the ended cluster's own timeline (creation to end)
+    # and instance groups, priced from the config table, each price with its source and date.
     from fruits.config import instance_types
 
     summary_key = next(k for k in list_keys("runs/") if k.endswith("summary.json"))
     cost = read_json(summary_key)["emr"]
     price = instance_types()["m5.xlarge"]
-    assert cost["cluster_id"] == cluster_id and cost["final"] is True
+    assert cost["cluster_id"] == cluster_id and cost["final"] is True and cost["state"] == "TERMINATED"
+    described = boto_emr(emr).describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["Timeline"]
+    assert cost["ended"] == described["EndDateTime"].isoformat()
+    assert cost["created"] == described["CreationDateTime"].isoformat()
+    assert cost["cluster_hours"] == pytest.approx(
+        (described["EndDateTime"] - described["CreationDateTime"]).total_seconds() / 3600, abs=1e-4
+    )
     assert cost["instance_hours"]["m5.xlarge"] == pytest.approx(3 * cost["cluster_hours"], abs=1e-3)
     assert 0 < cost["cluster_hours"] < 1
     assert cost["estimated_cost_usd"] == pytest.approx(
         3 * cost["cluster_hours"] * (price.ec2_usd_per_hour + price.emr_usd_per_hour), abs=1e-3
     )
+    assert cost["price_table"]["m5.xlarge"]["as_of"] == "2025-06-01"
+    assert cost["unverified_prices"] == ["m5.xlarge"] and "UNVERIFIED" in cost["prices"]
+    tis = ti_times(dagrun)
+    assert tis["summarize"][0] >= tis["emr.terminate_cluster"][1]  # priced after the teardown had ended
+
+
+def boto_emr(emr: EmrHarness, principal: str = "admin"):
+    return emr.account.client("emr", principal)  # type: ignore[attr-defined]
+
+
+def ti_times(dagrun) -> dict[str, tuple]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(
+            TaskInstance.dag_id == dagrun.dag_id, TaskInstance.run_id == dagrun.run_id
+        )
+        return {ti.task_id: (ti.start_date, ti.end_date) for ti in tis if ti.map_index == -1}
 
 
 def test_nothing_new_creates_no_cluster(emr: EmrHarness, emr_run) -> None:
@@ -324,20 +371,6 @@ def test_non_eu_region_fails_before_creating_anything(emr: EmrHarness) -> None:
     assert any("region='us-east-1' is outside the EU" in line for line in logged)
 
 
-def test_bootstrap_pins_match_the_lock() -> None:
-    """The cluster installs exactly the versions the tests ran with."""
-    lock = tomllib.loads((REPO / "uv.lock").read_text())
-    locked = {p["name"]: p["version"] for p in lock["package"]}
-    pins = [
-        line.split("==")
-        for line in (REPO / "bootstrap" / "requirements-emr.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert len(pins) >= 8
-    for name, version in pins:
-        assert locked.get(name) == version, (name, version, locked.get(name))
-
-
 def test_iam_policies_are_scoped_to_the_bucket() -> None:
     folder = REPO / "bootstrap" / "iam"
     docs = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
@@ -396,3 +429,129 @@ def test_cluster_end_is_a_teardown_and_every_step_is_watched(airflow_db) -> None
     assert mapped_over.operator.task_id == add.task_id  # all step ids, not the first one only
     assert dag.get_task("validate").trigger_rule == TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
     assert {"emr.watch_steps", "pca"} <= dag.get_task("validate").upstream_task_ids
+
+
+# --- what AWS refuses, refused here too (IAM enforced; run after the end-to-end tests above) -------------
+def _request(emr: EmrHarness, **changes) -> dict:
+    """The DAG's own RunJobFlow request of the first test run, changed."""
+    req = json.loads(json.dumps(emr.requests[0]["params"]))
+    for path, value in changes.items():
+        target, *keys = path.split("__")
+        node = req
+        for key in [target, *keys][:-1]:
+            node = node[key]
+        node[[target, *keys][-1]] = value
+    return req
+
+
+def _refused(emr: EmrHarness, call, **kwargs) -> str:
+    from botocore.exceptions import ClientError
+
+    before = len(emr.clusters())
+    with pytest.raises(ClientError) as info:
+        call(**kwargs)
+    assert len(emr.clusters()) == before  # nothing was created
+    return str(info.value)
+
+
+def test_emr_refuses_an_instance_profile_named_unlike_its_role(emr: EmrHarness, emr_run) -> None:
+    iam = emr.account.client("iam")  # type: ignore[attr-defined]
+    iam.create_instance_profile(InstanceProfileName="fruits-emr-instance-profile")
+    iam.add_role_to_instance_profile(
+        InstanceProfileName="fruits-emr-instance-profile", RoleName=INSTANCE_ROLE
+    )
+    client = boto_emr(emr, "admin")
+    message = _refused(emr, client.run_job_flow, **_request(emr, JobFlowRole="fruits-emr-instance-profile"))
+    assert "Invalid InstanceProfile: fruits-emr-instance-profile" in message
+    message = _refused(emr, client.run_job_flow, **_request(emr, JobFlowRole="no-such-profile"))
+    assert "Invalid InstanceProfile: no-such-profile" in message
+
+
+def test_emr_refuses_a_cluster_without_a_tagged_subnet(emr: EmrHarness, emr_run) -> None:
+    client, ec2 = boto_emr(emr), emr.account.client("ec2")  # type: ignore[attr-defined]
+    req = _request(emr)
+    del req["Instances"]["Ec2SubnetId"]
+    assert "no Ec2SubnetId" in _refused(emr, client.run_job_flow, **req)
+    vpc = ec2.create_vpc(CidrBlock="10.43.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.43.1.0/24")["Subnet"]["SubnetId"]
+    ec2.create_tags(
+        Resources=[subnet], Tags=[{"Key": "for-use-with-amazon-emr-managed-policies", "Value": "true"}]
+    )
+    message = _refused(emr, client.run_job_flow, **_request(emr, Instances__Ec2SubnetId=subnet))
+    assert f"VPC {vpc} is not tagged" in message and "subnet" not in message.split("VPC")[0]
+
+
+def test_airflow_principal_cannot_retag_or_drive_a_foreign_cluster(emr: EmrHarness, emr_run) -> None:
+    """Finding 11: the Airflow principal may not tag another cluster project=fruits and then drive it."""
+    admin, airflow = boto_emr(emr, "admin"), boto_emr(emr, "airflow")
+    req = _request(emr, Name="someone-elses-cluster")
+    req["Tags"] = [t for t in req["Tags"] if t["Key"] != "project"] + [{"Key": "project", "Value": "other"}]
+    foreign = admin.run_job_flow(**req)["JobFlowId"]
+    admin.terminate_job_flows(JobFlowIds=[foreign])
+    for call, kwargs in (
+        (airflow.add_tags, {"ResourceId": foreign, "Tags": [{"Key": "project", "Value": "fruits"}]}),
+        (airflow.terminate_job_flows, {"JobFlowIds": [foreign]}),
+        (airflow.describe_cluster, {"ClusterId": foreign}),
+    ):
+        from botocore.exceptions import ClientError
+
+        with pytest.raises(ClientError, match="AccessDenied"):
+            call(**kwargs)
+    # and it may not create an untagged cluster either
+    untagged = _request(emr)
+    untagged["Tags"] = [t for t in untagged["Tags"] if t["Key"] != "project"]
+    assert "AccessDenied" in _refused(emr, airflow.run_job_flow, **untagged)
+
+
+def test_emr_refuses_steps_over_the_size_and_pending_limits(emr: EmrHarness, emr_run) -> None:
+    client = boto_emr(emr)
+    (cluster_id,) = [c.id for _, c in emr.clusters()][:1]
+    big = {
+        "Name": "too-big",
+        "ActionOnFailure": "CONTINUE",
+        "HadoopJarStep": {"Jar": "command-runner.jar", "Args": ["spark-submit", "x" * MAX_STEP_ARGS_CHARS]},
+    }
+    message = _refused(emr, client.add_job_flow_steps, JobFlowId=cluster_id, Steps=[big])
+    assert f"more than the {MAX_STEP_ARGS_CHARS} EMR accepts" in message
+    # The pending limit, on the rule itself (a cluster with 256 live steps would be run by the harness).
+    small = {"Name": "s", "HadoopJarStep": {"Jar": "command-runner.jar", "Args": ["spark-submit"]}}
+    assert EmrHarness._step_problems([small], MAX_PENDING_STEPS - 1) == []
+    assert EmrHarness._step_problems([small], MAX_PENDING_STEPS) != []
+    # The DAG's own steps passed the same rule (they were added through it in the first test).
+    _, cluster = clusters_by_id(emr)[cluster_id]
+    sizes = [len(s.jar) + sum(len(a) for a in s.args) for s in cluster.steps]
+    assert sizes and max(sizes) <= MAX_STEP_ARGS_CHARS
+
+
+def test_compute_emr_without_a_subnet_fails_fast_saying_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 4: no FRUITS_EMR_SUBNET_ID would put the cluster in the untagged default VPC."""
+    from fruits.config import Settings
+    from fruits.plan import ParamError, parse_params
+
+    monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "")
+    with pytest.raises(ParamError, match="compute=emr needs FRUITS_EMR_SUBNET_ID") as info:
+        parse_params({"compute": "emr"}, Settings())
+    assert "for-use-with-amazon-emr-managed-policies=true" in str(info.value)
+    assert parse_params({"compute": "local"}, Settings()).compute == "local"  # local needs no subnet
+    monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "subnet-0abc")
+    assert parse_params({"compute": "emr"}, Settings()).compute == "emr"
+
+
+def test_compute_local_on_aws_needs_and_gets_its_own_policy(
+    emr: EmrHarness, emr_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute=local with IAM enforced: the worker's Spark writes the outputs with Airflow's principal, so
+    airflow-policy.json alone is refused (AccessDenied, nothing recorded), and with
+    airflow-local-compute-policy.json added the run succeeds."""
+    batch = "emr-b5-local"
+    upload_sample(batch, sample_files("Training", labels=1, per_label=2, offset=9))
+    dagrun = run_dag({"compute": "local", "batch_ids": [batch]})
+    states = task_states(dagrun)
+    assert states["embed"] == "failed" and states["commit"] == "upstream_failed"
+    assert not list_keys(f"ledger/batches/{batch}")
+    monkeypatch.setenv("AIRFLOW_CONN_FRUITS_AIRFLOW", emr.account.connection("airflow-local"))  # type: ignore[attr-defined]
+    dagrun = run_dag({"compute": "local", "batch_ids": [batch]})
+    states = task_states(dagrun)
+    assert str(dagrun.state).endswith("success"), states
+    record = read_json(f"ledger/batches/{batch}.json")
+    assert (record["files"], record["embedded"]) == (2, 2)

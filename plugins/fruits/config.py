@@ -29,6 +29,13 @@ PCA_MODES = ("variance", "fixed")
 ENGINES = ("tf", "onnx")
 
 
+PRICE_SOURCE = "AWS public on-demand price lists (EC2 Linux + Amazon EMR), eu-west-3"
+PRICE_AS_OF = "2025-06-01"
+# The tag that AmazonEMRServicePolicy_v2 requires on the cluster, its subnet, the subnet's VPC and any
+# security group it uses (README, "Deploying to a real AWS account").
+EMR_MANAGED_POLICY_TAG = ("for-use-with-amazon-emr-managed-policies", "true")
+
+
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
@@ -36,24 +43,32 @@ def _env(name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class InstanceType:
-    """What the EMR Spark tuning and the run's cost estimate need to know about an EC2 instance type."""
+    """What the EMR Spark tuning and the run's cost estimate need to know about an EC2 instance type.
+
+    Each price says where it comes from and when it was read; `verified` is False for a figure nobody has
+    checked against the public price list for eu-west-3, and the run's summary and report say so."""
 
     vcpu: int
     memory_gib: int
     ec2_usd_per_hour: float  # on-demand, Linux
     emr_usd_per_hour: float  # the EMR charge on top of EC2
+    source: str = PRICE_SOURCE
+    as_of: str = PRICE_AS_OF
+    verified: bool = False
 
 
-# On-demand list prices in eu-west-3 (Paris), USD per instance-hour, as last checked on 2025-06-01 on the
-# public EC2 and EMR pricing pages (the pipeline never fetches prices). They drift: check them before
-# budgeting, and override without a code change with
-# FRUITS_EMR_PRICES='{"m5.xlarge": [EC2_USD_PER_HOUR, EMR_USD_PER_HOUR], ...}'.
+# On-demand list prices in eu-west-3 (Paris), USD per instance-hour, from the public EC2 and EMR pricing
+# pages as recorded on 2025-06-01 (the pipeline never fetches prices). None of them has been re-checked
+# since from this project (the dev machines reach no AWS page), so every one is marked unverified, and the
+# c5.2xlarge EMR fee, which had been copied from m5.2xlarge (0.096), is the list's c5 figure (0.085) as
+# remembered, not read: check both before budgeting. Override without a code change with
+# FRUITS_EMR_PRICES='{"m5.xlarge": [EC2_USD_PER_HOUR, EMR_USD_PER_HOUR], ...}' (then labelled as yours).
 INSTANCE_TYPES: dict[str, InstanceType] = {
     "m5.xlarge": InstanceType(4, 16, 0.224, 0.048),
     "m5.2xlarge": InstanceType(8, 32, 0.448, 0.096),
     "m5.4xlarge": InstanceType(16, 64, 0.896, 0.192),
     "r5.xlarge": InstanceType(4, 32, 0.296, 0.063),
-    "c5.2xlarge": InstanceType(8, 16, 0.404, 0.096),
+    "c5.2xlarge": InstanceType(8, 16, 0.404, 0.085),
 }
 
 
@@ -66,7 +81,15 @@ def instance_types() -> dict[str, InstanceType]:
                 f"FRUITS_EMR_PRICES names {name!r}, which has no vCPU/memory entry in config.INSTANCE_TYPES; "
                 "add it there first"
             )
-        table[name] = InstanceType(table[name].vcpu, table[name].memory_gib, float(ec2), float(emr))
+        table[name] = InstanceType(
+            table[name].vcpu,
+            table[name].memory_gib,
+            float(ec2),
+            float(emr),
+            source="FRUITS_EMR_PRICES (set by the deployment)",
+            as_of="as set",
+            verified=True,
+        )
     return table
 
 
@@ -144,9 +167,16 @@ class Settings:
         default_factory=lambda: _env("FRUITS_EMR_SERVICE_ROLE", "fruits-emr-service-role")
     )
     emr_instance_profile: str = field(
-        default_factory=lambda: _env("FRUITS_EMR_INSTANCE_PROFILE", "fruits-emr-instance-profile")
+        # EMR refuses an instance profile whose name differs from its role's: one name for both.
+        default_factory=lambda: _env("FRUITS_EMR_INSTANCE_PROFILE", "fruits-emr-instance-role")
     )
+    # Required with compute=emr: a private subnet (NAT gateway or a package mirror), tagged, in a tagged
+    # VPC (EMR_MANAGED_POLICY_TAG). Empty would put the cluster in the default VPC, where
+    # AmazonEMRServicePolicy_v2 cannot create its security groups.
     emr_subnet_id: str = field(default_factory=lambda: _env("FRUITS_EMR_SUBNET_ID", ""))
+    # Optional package mirror for the bootstrap's pip, passed as the script's third argument (a bootstrap
+    # action gets no environment); empty: the public index, through the subnet's NAT gateway.
+    emr_pip_index_url: str = field(default_factory=lambda: _env("FRUITS_EMR_PIP_INDEX_URL", ""))
     # Backstop if Airflow itself dies: EMR ends a cluster idle this long (the teardown normally ends it).
     emr_idle_timeout_s: int = field(default_factory=lambda: int(_env("FRUITS_EMR_IDLE_TIMEOUT_S", "1800")))
     # Where the bootstrap action builds the jobs' Python environment on every node.
@@ -168,6 +198,19 @@ class Settings:
 
     def resolve(self, template: str) -> str:
         return template.format(bucket=self.bucket)
+
+    def emr_config_errors(self) -> list[str]:
+        """What compute=emr needs from the deployment's settings, checked before anything is created."""
+        errors = []
+        if not self.emr_subnet_id:
+            key, value = EMR_MANAGED_POLICY_TAG
+            errors.append(
+                "compute=emr needs FRUITS_EMR_SUBNET_ID: set it to the id (subnet-...) of a private subnet "
+                f"tagged {key}={value} in a VPC with the same tag, and a NAT gateway or "
+                "FRUITS_EMR_PIP_INDEX_URL (README, 'Deploying to a real AWS account'; `make aws-check` "
+                "checks it). Or run with compute=local."
+            )
+        return errors
 
 
 def settings() -> Settings:

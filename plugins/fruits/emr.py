@@ -17,7 +17,6 @@ import hashlib
 import logging
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP_DIR = REPO_ROOT / "bootstrap"
 BOOTSTRAP_SCRIPT = "install_python_deps.sh"
+# The full pinned set of the "emr" dependency group, with hashes, exported from uv.lock by
+# `make emr-requirements` (tests/test_bootstrap.py checks it is current).
 BOOTSTRAP_REQUIREMENTS = "requirements-emr.txt"
 STDERR_TAIL_LINES = 40
 # Left out of a failed step's tail: Spark's INFO lines ("26/05/01 12:00:00 INFO SparkContext: ...") and
@@ -186,7 +187,9 @@ def job_flow_request(plan: dict[str, Any], staged: dict[str, Any], s: Settings) 
                 "Name": "fruits-python-deps",
                 "ScriptBootstrapAction": {
                     "Path": staged["bootstrap"],
-                    "Args": [staged["requirements"], s.emr_venv],
+                    # A bootstrap action gets no environment: the optional mirror is an argument.
+                    "Args": [staged["requirements"], s.emr_venv]
+                    + ([s.emr_pip_index_url] if s.emr_pip_index_url else []),
                 },
             }
         ],
@@ -362,41 +365,80 @@ class StepWatcher(EmrStepSensor):
         return text
 
 
-# --- cost -------------------------------------------------------------------------------------------
+# --- cost ---------------------------------------------------------------------------------------------
+ENDED_STATES = ("TERMINATED", "TERMINATED_WITH_ERRORS")
+
+
 def cost_estimate(emr_client: Any, cluster_id: str) -> dict[str, Any]:
-    """Instance-hours x on-demand price (config.INSTANCE_TYPES), from the cluster's own timeline and
-    instance groups. An estimate: EBS, S3 requests and data transfer are not in it."""
+    """Instance-hours x on-demand price (config.INSTANCE_TYPES), from the ended cluster's own timeline
+    (CreationDateTime to EndDateTime: EMR bills from the request to the end) and instance groups. An
+    estimate: EBS, S3 requests and data transfer are not in it. Refuses a cluster that has not ended, so a
+    total is never understated by a missing end."""
     cluster = emr_client.describe_cluster(ClusterId=cluster_id)["Cluster"]
-    timeline = cluster["Status"]["Timeline"]
-    start = timeline["CreationDateTime"]
-    end = timeline.get("EndDateTime") or datetime.now(UTC)
+    state, timeline = cluster["Status"]["State"], cluster["Status"]["Timeline"]
+    if state not in ENDED_STATES or not timeline.get("EndDateTime"):
+        raise RuntimeError(
+            f"cluster {cluster_id} is {state}, not ended: its cost is computed only from a final timeline "
+            "(the summary runs after terminate_cluster has waited for the end)"
+        )
+    start, end = timeline["CreationDateTime"], timeline["EndDateTime"]
     hours = max(0.0, (end - start).total_seconds() / 3600)
     table = instance_types()
     instance_hours: dict[str, float] = {}
-    cost, unpriced = 0.0, []
+    cost, unpriced, prices = 0.0, [], {}
     for group in emr_client.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]:
         kind = group["InstanceType"]
         # Requested, not running: a terminated cluster runs none, but was billed for what it ran.
         n = int(group.get("RequestedInstanceCount") or group.get("RunningInstanceCount") or 0)
         instance_hours[kind] = instance_hours.get(kind, 0.0) + n * hours
         if kind in table:
-            cost += n * hours * (table[kind].ec2_usd_per_hour + table[kind].emr_usd_per_hour)
+            price = table[kind]
+            cost += n * hours * (price.ec2_usd_per_hour + price.emr_usd_per_hour)
+            prices[kind] = {
+                "ec2_usd_per_hour": price.ec2_usd_per_hour,
+                "emr_usd_per_hour": price.emr_usd_per_hour,
+                "source": price.source,
+                "as_of": price.as_of,
+                "verified": price.verified,
+            }
         else:
             unpriced.append(kind)
+    unverified = sorted(k for k, p in prices.items() if not p["verified"])
     return {
         "cluster_id": cluster_id,
+        "state": state,
+        "created": start.isoformat(),
+        "ended": end.isoformat(),
         "cluster_hours": round(hours, 4),
         "instance_hours": {k: round(v, 4) for k, v in instance_hours.items()},
         "estimated_cost_usd": round(cost, 4),
-        "final": bool(timeline.get("EndDateTime")),
+        "final": True,
         "unpriced_instance_types": unpriced,
-        "prices": "on-demand EC2 + EMR list prices, eu-west-3, config.INSTANCE_TYPES",
+        "price_table": prices,
+        "unverified_prices": unverified,
+        "prices": "on-demand EC2 + EMR list prices, eu-west-3, config.INSTANCE_TYPES"
+        + (f" (UNVERIFIED for {', '.join(unverified)})" if unverified else ""),
     }
 
 
+def wait_until_ended(emr_client: Any, cluster_id: str, poll_s: int, timeout_s: int = 3600) -> str:
+    """TerminateJobFlows returns at once and the cluster spends minutes TERMINATING: wait for its end
+    (TERMINATED or TERMINATED_WITH_ERRORS; boto3's waiter fails on the latter, which still has a cost)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = emr_client.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"]
+        if state in ENDED_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"cluster {cluster_id} still {state} after {timeout_s} s: see the EMR console")
+        log.info("cluster %s is %s; waiting for its end to price it", cluster_id, state)
+        time.sleep(poll_s)
+
+
 def cluster_cost(cluster_id: str, region: str, s: Settings) -> dict[str, Any]:
+    """The cost block of the summary, once the cluster has ended (the DAG runs this after the teardown)."""
     from airflow.providers.amazon.aws.hooks.emr import EmrHook
 
-    return cost_estimate(
-        EmrHook(aws_conn_id=s.aws_conn_id, region_name=region, emr_conn_id=None).conn, cluster_id
-    )
+    client = EmrHook(aws_conn_id=s.aws_conn_id, region_name=region, emr_conn_id=None).conn
+    wait_until_ended(client, cluster_id, s.emr_poke_interval_s)
+    return cost_estimate(client, cluster_id)

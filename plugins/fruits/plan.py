@@ -108,6 +108,8 @@ def parse_params(raw: Mapping[str, Any], s: Settings) -> RunParams:
         errors.append(
             f"batch_ids {bad_ids} are not valid batch folder names (letters, digits, '.', '_', '-')"
         )
+    if p.compute == "emr":
+        errors += s.emr_config_errors()
     if p.region not in EU_REGIONS and not p.allow_non_eu_region:
         errors.append(
             f"region={p.region!r} is outside the EU. Fruits! keeps photos and embeddings in the EU (GDPR), so "

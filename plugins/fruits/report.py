@@ -309,6 +309,12 @@ def _cost_section(summary: dict[str, Any]) -> str:
     ]
     if not cost.get("final", True):
         notes.append("the cluster had not ended when this was estimated")
+    if cost.get("unverified_prices"):
+        first = next(iter((cost.get("price_table") or {}).values()), {})
+        notes.append(
+            f"<b id='cost-unverified'>unverified prices</b> for {_e(', '.join(cost['unverified_prices']))} "
+            f"({_e(first.get('source', ''))}, as of {_e(first.get('as_of', ''))}): check them before budgeting"
+        )
     if cost.get("unpriced_instance_types"):
         notes.append(f"no price for {_e(', '.join(cost['unpriced_instance_types']))}")
     return (
