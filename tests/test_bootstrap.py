@@ -173,7 +173,7 @@ def test_emr_request_passes_the_index_url_as_an_argument(monkeypatch: pytest.Mon
     from fruits.emr import job_flow_request
 
     staged = {"bootstrap": "s3://b/boot.sh", "requirements": "s3://b/req.txt"}
-    plan = {"run_id": "manual__x", "batches": ["b1"]}
+    plan = {"run_id": "manual__x", "new_batches": 1}
     monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "subnet-1")
     (action,) = job_flow_request(plan, staged, Settings())["BootstrapActions"]
     assert action["ScriptBootstrapAction"]["Args"] == ["s3://b/req.txt", "/opt/fruits/venv"]
