@@ -166,28 +166,22 @@ def fruits_embeddings():
     # One of the two compute paths is skipped; a failed step on the other still fails the run here.
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
-        catalog = _catalog()
-        meta = catalog.pca_metadata(plan["pca"]["version"])
-        results = validation.validate_run(
-            catalog.hook,
-            catalog.layout,
-            plan["validate_files"],
-            plan["model_id"],
-            plan["pca"]["version"],
-            int(meta["k"]),
-        )
-        return {"results": results, "pca_meta": meta}
+        """The steps' own checks and the Parquet footers; per-batch results in runs/RUN/validation.json."""
+        return validation.validate_run(_catalog(), plan)
 
     @task
     def commit(plan: dict[str, Any], validated: dict[str, Any]) -> list[str]:
         """Only validated batches reach the ledger."""
-        return commit_mod.commit(_catalog(), plan, validated["results"], validated["pca_meta"])
+        catalog = _catalog()
+        results = (catalog.read_json(validated["key"]) or {})["batches"]
+        return commit_mod.commit(catalog, plan, results, validated["pca_meta"])
 
     @task
     def summarize(plan: dict[str, Any], validated: dict[str, Any], committed: list[str]) -> dict[str, Any]:
         catalog = _catalog()
         seconds = (datetime.now(UTC) - datetime.fromisoformat(plan["started"])).total_seconds()
-        summary = commit_mod.summarize(plan, validated["results"], validated["pca_meta"], seconds)
+        results = (catalog.read_json(validated["key"]) or {})["batches"]
+        summary = commit_mod.summarize(plan, results, validated["pca_meta"], seconds)
         cluster_id = get_current_context()["ti"].xcom_pull(task_ids="emr.create_cluster")
         if cluster_id:  # compute=emr: instance-hours x price
             summary["emr"] = emr.cluster_cost(cluster_id, plan["params"]["region"], settings())

@@ -220,6 +220,17 @@ def build_plan(
         catalog.bucket,
         replace=True,
     )
+    # The pca step's batch lists and the validation's expected input files travel as files, never as
+    # step arguments (AWS caps a step's arguments at 10,240 characters).
+    catalog.write_json(
+        f"{run_prefix}pca_batches.json",
+        {"fit": list(pca.fit_batches), "transform": list(pca.transform_batches)},
+    )
+    expected = {
+        b: (ledger[b]["files"] if b in ledger and b not in batches else files[b])
+        for b in pca.transform_batches
+    }
+    catalog.write_json(f"{run_prefix}expected.json", expected)
     sha = weights_sha256(catalog, p.weights_uri)
     # ONNX Runtime runs an export of these same weights, made once per weights version and checked.
     onnx_uri = ensure_onnx(catalog, p.weights_uri, sha, s)[0] if p.engine == "onnx" else None
@@ -230,11 +241,9 @@ def build_plan(
         "batches": sorted(batches),
         "files": files,
         "ignored": ignored,
-        # Batches whose outputs this run (re)writes and must validate: the new ones, plus all on a refit.
-        "validate_files": {
-            b: (ledger[b]["files"] if b in ledger and b not in batches else None)
-            for b in pca.transform_batches
-        },
+        # Batches whose outputs this run (re)writes and must validate (the new ones, plus all on a refit),
+        # with their input files: a file, not an XCom.
+        "expected_key": f"{run_prefix}expected.json",
         "weights_sha256": sha,
         "model_id": model_id_for(sha),
         "pca": asdict(pca),
@@ -244,7 +253,4 @@ def build_plan(
         "pca_args": pca_args(layout, pca, run_prefix),
         "started_at": datetime.now(UTC).isoformat(),
     }
-    for b, n in plan["validate_files"].items():
-        if n is None:
-            plan["validate_files"][b] = plan["files"][b]
     return plan

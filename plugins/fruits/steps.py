@@ -29,9 +29,8 @@ def embed_args(
     run_prefix: str,
     region: str,
 ) -> list[str]:
+    # The batches are the manifest's (runs/RUN/inputs.jsonl): none travels in the step's arguments.
     args = ["--input-root", layout.uri(layout.incoming.rstrip("/"))]
-    for b in batches:
-        args += ["--batch", b]
     args += [
         "--embeddings-out",
         layout.uri(layout.embeddings.rstrip("/")),
@@ -45,6 +44,8 @@ def embed_args(
         engine,
         "--metrics-out",
         layout.uri(f"{run_prefix}embed.json"),
+        "--validation-out",
+        layout.uri(f"{run_prefix}embed_validation.json"),
         "--s3-region",  # the job reads the photos with its own S3 client, which must sign for the bucket
         region,
     ]
@@ -67,13 +68,14 @@ def pca_args(layout: Layout, plan: PcaPlan, run_prefix: str) -> list[str]:
         plan.version,
         "--metrics-out",
         layout.uri(f"{run_prefix}pca.json"),
+        "--validation-out",
+        layout.uri(f"{run_prefix}pca_validation.json"),
+        # {"fit": [...], "transform": [...]}, written by the plan: no batch id in the step's arguments.
+        "--batches-file",
+        layout.uri(f"{run_prefix}pca_batches.json"),
     ]
     if plan.fit:
         args.append("--fit")
-        for b in plan.fit_batches:
-            args += ["--fit-batch", b]
-    for b in plan.transform_batches:
-        args += ["--batch", b]
     if plan.mode == "fixed":
         args += ["--k", str(plan.k)]
     else:
