@@ -297,9 +297,13 @@ def transform_chunk(
 ) -> tuple[dict, DataFrame | None]:
     """Transform one chunk of batches, write it (ceil(rows / 20,000) files per batch), read it back for
     the checks; returns ({batch: checks}, the chunk's offer to the report sample)."""
+    nothing = {  # a batch whose every file was rejected has no embeddings: it is reported all the same
+        b: {"embeddings": 0, "features": 0, "distinct_paths": 0, "missing_features": 0, "extra_features": 0}
+        for b in chunk
+    }
     emb = tables.read_partitions(spark, args.embeddings_root, chunk)
     if emb is None:
-        return {}, None
+        return nothing, None
     emb = emb.persist(StorageLevel.MEMORY_AND_DISK)  # read from S3 once per chunk
     counts = {r["batch_id"]: int(r["count"]) for r in emb.groupBy("batch_id").count().collect()}
     features = model.transform(emb.withColumn("vec", array_to_vector("embedding"))).select(
@@ -314,7 +318,10 @@ def transform_chunk(
     tables.write_by_batch(spark, features, counts, out, ["batch_id"])
     written = tables.read_partitions(spark, out, chunk)
     if written is None:
-        return {b: {"embeddings": n, "features": 0} for b, n in counts.items()}, None
+        return {
+            **nothing,
+            **{b: {**nothing[b], "embeddings": n, "missing_features": n} for b, n in counts.items()},
+        }, None
     checks = tables.vector_checks(written, "features", [F.collect_set("pca_version").alias("pca_versions")])
     emb_paths = emb.select("batch_id", "path")
     feat_paths = written.select("batch_id", "path")
@@ -323,7 +330,7 @@ def transform_chunk(
     labels = tables.counts_by(written, "label")
     missing_n = {r["batch_id"]: int(r["count"]) for r in missing.collect()}
     extra_n = {r["batch_id"]: int(r["count"]) for r in extra.collect()}
-    out_checks = {}
+    out_checks = dict(nothing)
     for b in sorted(set(counts) | set(checks)):
         c = checks.get(b, {})
         out_checks[b] = {

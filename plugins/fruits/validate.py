@@ -164,9 +164,8 @@ def check_pca(
     layout = catalog.layout
     res: dict[str, Any] = {"problems": []}
     p = res["problems"]
-    if f is None:
-        if embedded:
-            p.append("the pca step reported nothing for this batch (pca_validation.json)")
+    if f is None:  # the step reports every batch it was given, one with no embeddings too
+        p.append("the pca step reported nothing for this batch (pca_validation.json)")
         res["features"] = 0
         return res
     features = int(f.get("features", 0))
