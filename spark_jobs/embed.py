@@ -300,6 +300,8 @@ def main(argv: list[str]) -> int:
     spark = SparkSession.builder.appName("fruits-embed").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     started = time.monotonic()
 
     model_file = localise(spark, args.weights)

@@ -358,6 +358,8 @@ def main(argv: list[str]) -> int:
     spark = SparkSession.builder.appName("fruits-pca").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     started = time.monotonic()
     fit_batches, batches = read_batches(spark, args)
     meta = fit(spark, args, fit_batches) if args.fit else load(spark, args)

@@ -1,7 +1,7 @@
 """Deterministic samples that stay small whatever the history: the bottom-N rows by a hash of the path.
 
 A sample ("reservoir") is kept per stratum (a column value: one stratum for the PCA fit, Training and Test
-for the report) as one compacted `base` folder plus up to MAX_DELTAS small `delta` folders, each a
+for the report) as one compacted `base` folder plus up to MAX_DELTAS (8) small `delta` folders, each a
 Parquet folder written by one run. Its state is a small JSON part:
 
     {"base": [uri], "deltas": [uri, ...], "threshold": {stratum: t or null}, "size": N, "rows": n}
@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 from fruits_jobs import sparkio
 from fruits_jobs.tables import path_hash
 
-MAX_DELTAS = 32
+MAX_DELTAS = 8  # each delta is a few more requests for every reader; a compaction rewrites <= N rows
 NOT_FULL = 2.0  # above any hash: every row of a stratum that is not full yet is kept
 
 
