@@ -1,8 +1,8 @@
 """How the steps lay out what they write, and the checks they compute on it (Spark side).
 
 - Output files: each batch partition holds ceil(rows / ROWS_PER_FILE) files, whatever else the run
-  writes: rows are shuffled by (batch_id, file number), the file number a hash of the path modulo the
-  batch's file count, so a batch's rows never spread over every task of the run.
+  writes: rows are shuffled by (batch_id, file number), so a batch's rows never spread over every task
+  of the run (write_by_batch).
 - Checks: per batch, counts, vector dims, null vectors, NaN/inf values, duplicate paths, the model ids;
   computed by Spark on what was written (read back), written as a small JSON file for the Airflow side,
   which then reads only that and the Parquet footers (plugins/fruits/validate.py).
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import math
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 # About 100 MB of float32 1280-d vectors per Parquet file.
 ROWS_PER_FILE = 20_000
-# Spark's own cap per file: above ROWS_PER_FILE so that a hash file number holding a few more rows than
-# its share does not open a second file, below twice it so that no file is ever two files' worth.
-MAX_RECORDS_PER_FILE = ROWS_PER_FILE * 5 // 4
 
 
 def path_hash() -> Column:
@@ -28,28 +25,38 @@ def path_hash() -> Column:
     return (F.xxhash64("path").bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF)) / F.lit(float(2**63))).alias("h")
 
 
-def files_per_batch(counts: dict[str, int]) -> dict[str, int]:
-    return {b: max(1, math.ceil(n / ROWS_PER_FILE)) for b, n in counts.items()}
+def files_per_batch(counts: dict[str, int], rows_per_file: int = ROWS_PER_FILE) -> dict[str, int]:
+    return {b: max(1, math.ceil(n / rows_per_file)) for b, n in counts.items()}
 
 
 def write_by_batch(
-    spark: SparkSession, frame: DataFrame, counts: dict[str, int], uri: str, partition_cols: list[str]
+    spark: SparkSession,
+    frame: DataFrame,
+    counts: dict[str, int],
+    uri: str,
+    partition_cols: list[str],
+    rows_per_file: int = ROWS_PER_FILE,
 ) -> None:
-    """Write `frame` partitioned by `partition_cols` (ending with batch_id), ceil(rows / ROWS_PER_FILE)
-    files per batch partition. `counts` = {batch_id: rows of frame}: a few numbers per batch, known from
-    the step's own aggregates, never from a scan of history."""
+    """Write `frame` partitioned by `partition_cols` (ending with batch_id), exactly ceil(rows /
+    rows_per_file) files per batch partition. `counts` = {batch_id: rows of frame}: a few numbers per
+    batch, from the step's own aggregates, never from a scan of history.
+
+    A row's file number is its rank by path within its batch // rows_per_file (ranked on the narrow
+    (batch_id, path) projection), so each (batch, file number) holds rows_per_file rows but the last.
+    Rows are shuffled by (batch, file number); two such keys of a batch may share a task, and then
+    maxRecordsPerFile = rows_per_file cuts that task's rows of the batch into as many files as keys."""
     if not counts:
         return
-    spark.conf.set("spark.sql.files.maxRecordsPerFile", str(MAX_RECORDS_PER_FILE))
-    per_batch = files_per_batch(counts)
-    n_files = spark.createDataFrame(sorted(per_batch.items()), "batch_id string, _files int")
-    keyed = frame.join(F.broadcast(n_files), "batch_id").withColumn(
-        "_file", F.pmod(F.xxhash64("path"), F.col("_files"))
+    spark.conf.set("spark.sql.files.maxRecordsPerFile", str(rows_per_file))
+    per_batch = files_per_batch(counts, rows_per_file)
+    rank = Window.partitionBy("batch_id").orderBy("path")
+    numbered = frame.select("batch_id", "path").withColumn(
+        "_file", F.floor((F.row_number().over(rank) - 1) / F.lit(rows_per_file)).cast("int")
     )
-    # One shuffle partition per (batch, file number): at most that many files per batch partition.
     (
-        keyed.repartition(sum(per_batch.values()), "batch_id", "_file")
-        .drop("_files", "_file")
+        frame.join(numbered, ["batch_id", "path"])
+        .repartition(sum(per_batch.values()), "batch_id", "_file")
+        .drop("_file")
         .write.mode("overwrite")
         .partitionBy(*partition_cols)
         .parquet(uri)
