@@ -1,10 +1,13 @@
-"""Embed step: images of the given batches -> 1280-d MobileNetV2 embeddings, plus a rejects table.
+"""Embed step: every file of the run's manifest -> 1280-d MobileNetV2 embeddings, plus a rejects table.
 
     spark-submit --py-files fruits_jobs.zip embed.py --input-root s3://BUCKET/incoming \
         --manifest s3://BUCKET/runs/RUN/inputs.jsonl --embeddings-out s3://BUCKET/embeddings \
-        --rejects-out s3://BUCKET/rejects --weights s3://.../x.h5
+        --rejects-out s3://BUCKET/rejects --weights s3://.../x.h5 \
+        --validation-out s3://BUCKET/runs/RUN/embed_validation.json
 
-Every line of the manifest is processed: the batches are the manifest's, never arguments.
+The batches are the manifest's: no batch id travels on the command line. After writing, the job reads its
+partitions back and writes its own checks (--validation-out) and the run's candidate fit sample
+(samples/fit/run=RUN/ and runs/RUN/sample_fit.json; fruits_jobs/samples.py).
 
 Runs the same way locally (s3a://) and on EMR (s3://). Imports nothing from Airflow.
 """
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from fruits_jobs import imaging, objects, sparkio
+from fruits_jobs import imaging, objects, samples, sparkio, tables
 from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, MODEL_BATCH, file_sha256, get_engine, model_id
 from pyspark import SparkFiles, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -31,8 +34,9 @@ from pyspark.sql import types as T
 
 log = sparkio.get_logger("fruits.embed")
 
-# About 100 MB of float32 vectors per Parquet file.
-ROWS_PER_FILE = 20_000
+# The PCA fit's sample: the bottom FIT_SAMPLE_ROWS embeddings of history by a hash of the path (about
+# 150 MB of float32; 23 rows per dimension). Documented in the README; pca.py fits on it.
+FIT_SAMPLE_ROWS = 30_000
 # Photos per Spark task: enough to amortise a task's start, few enough to keep every core busy to the end.
 IMAGES_PER_TASK = 256
 EMBEDDINGS_SCHEMA = "batch_id, path, label, content_sha256, size_bytes, embedding, model_id, engine"
@@ -51,9 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--input-root", required=True, help="URI holding one folder per batch")
     p.add_argument("--embeddings-out", required=True)
     p.add_argument("--rejects-out", required=True)
-    p.add_argument(
-        "--manifest", required=True, help="JSON lines {batch_id, path, size_bytes}: every input of the run"
-    )
+    p.add_argument("--manifest", required=True, help="JSON lines {batch_id, path, size_bytes}: the inputs")
     p.add_argument("--weights", required=True, help='Keras .h5 path or URI, or "imagenet"')
     p.add_argument("--engine", choices=ENGINES, default="tf")
     p.add_argument("--onnx-model", help="ONNX export of the same weights (engine=onnx)")
@@ -63,6 +65,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metrics-out", help="URI of a JSON file with counts and timings")
     p.add_argument("--model-batch", type=int, help=f"photos per engine call (default {MODEL_BATCH})")
     p.add_argument("--s3-region", default="eu-west-3", help="region of the bucket the photos are in")
+    p.add_argument("--validation-out", help="URI of the step's own checks (JSON), per batch")
+    p.add_argument(
+        "--sample-root", help="URI of the samples table (default: beside --embeddings-out, samples/)"
+    )
+    p.add_argument("--fit-sample-rows", type=int, default=FIT_SAMPLE_ROWS)
     args = p.parse_args(argv)
     if args.engine == "onnx" and not args.onnx_model:
         p.error("--engine onnx needs --onnx-model")
@@ -164,6 +171,16 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> DataFrame:
     return spark.read.schema("batch_id string, path string, size_bytes long").json(manifest_uri)
 
 
+def sibling(uri: str, name: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] + "/" + name
+
+
+def run_folder(uri: str) -> tuple[str, str]:
+    """(runs/RUN/ folder URI, RUN) of a run file such as runs/RUN/embed_validation.json."""
+    folder = uri.rsplit("/", 1)[0]
+    return folder + "/", folder.rsplit("/", 1)[1]
+
+
 def input_partitions(spark: SparkSession, files: int) -> int:
     """Tasks of about IMAGES_PER_TASK photos, and at least two per core so that no core idles at the
     end of a small batch."""
@@ -200,11 +217,91 @@ class Progress(threading.Thread):
         )
 
 
+def validation(
+    spark: SparkSession, args: argparse.Namespace, batches: list[str], listed: dict[str, int], mid: str
+) -> dict:
+    """The step's own checks, computed on what it wrote (read back from S3), per batch: the Airflow side
+    compares them with the plan and reads only Parquet footers, never vectors."""
+    emb = tables.read_partitions(spark, args.embeddings_out, batches)
+    rej = tables.read_partitions(spark, args.rejects_out, batches)
+    vec = (
+        tables.vector_checks(emb, "embedding", [F.collect_set("model_id").alias("model_ids")])
+        if emb is not None
+        else {}
+    )
+    labels = tables.counts_by(emb, "label") if emb is not None else {}
+    reasons = tables.counts_by(rej, "reason") if rej is not None else {}
+    rejected = (
+        {r["batch_id"]: int(r["count"]) for r in rej.groupBy("batch_id").count().collect()}
+        if rej is not None
+        else {}
+    )
+    paths = [f.select("batch_id", "path") for f in (emb, rej) if f is not None]
+    distinct: dict[str, int] = {}
+    if paths:
+        union = paths[0] if len(paths) == 1 else paths[0].unionByName(paths[1])
+        distinct = {
+            r["batch_id"]: int(r["n"])
+            for r in union.groupBy("batch_id").agg(F.countDistinct("path").alias("n")).collect()
+        }
+    out = {}
+    for b in batches:
+        v = vec.get(b, {})
+        embedded, rejects = int(v.get("rows", 0)), rejected.get(b, 0)
+        out[b] = {
+            "files": listed[b],
+            "embedded": embedded,
+            "rejected": rejects,
+            "distinct_paths": distinct.get(b, 0),
+            "duplicate_paths": embedded + rejects - distinct.get(b, 0),
+            "dim_min": v.get("dim_min"),
+            "dim_max": v.get("dim_max"),
+            "null_vectors": int(v.get("null_vectors") or 0),
+            "nonfinite_values": int(v.get("nonfinite_values") or 0),
+            "model_ids": sorted(v.get("model_ids") or []),
+            "labels": dict(sorted(labels.get(b, {}).items())),
+            "reject_reasons": dict(sorted(reasons.get(b, {}).items())),
+        }
+    return {
+        "step": "embed",
+        "model_id": mid,
+        "engine": args.engine,
+        "embedding_dim": EMBEDDING_DIM,
+        "rows_per_file": tables.ROWS_PER_FILE,
+        "batches": out,
+    }
+
+
+def update_fit_sample(spark: SparkSession, args: argparse.Namespace, batches: list[str]) -> None:
+    """Offer this run's embeddings to the PCA fit's sample (fruits_jobs/samples.py) and write the run's
+    candidate state beside its validation file; it becomes samples/LATEST.json once validated. With no
+    sample yet (first run, or a history from before samples) the whole embeddings table is offered once."""
+    root = (args.sample_root or sibling(args.embeddings_out, "samples")).rstrip("/")
+    folder, run = run_folder(args.validation_out)
+    pointer = samples.read_pointer(spark, f"{root}/LATEST.json")
+    part = pointer.get("fit")
+    if part:
+        offered = tables.read_partitions(spark, args.embeddings_out, batches)
+    elif sparkio.exists(spark, args.embeddings_out):
+        log.info("no fit sample yet: offering every embedding in %s once", args.embeddings_out)
+        offered = spark.read.parquet(args.embeddings_out)
+    else:
+        offered = None
+    if offered is None:  # nothing embedded in this run: the sample stays as it is
+        state = part or {}
+    else:
+        offered = offered.select("batch_id", "path", "label", "embedding", F.lit("all").alias("stratum"))
+        state = samples.update(spark, part, offered, args.fit_sample_rows, "stratum", f"{root}/fit/run={run}")
+    sparkio.write_json(spark, f"{folder}sample_fit.json", state)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     spark = SparkSession.builder.appName("fruits-embed").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     started = time.monotonic()
 
     model_file = localise(spark, args.weights)
@@ -215,10 +312,11 @@ def main(argv: list[str]) -> int:
     threads = args.threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
     log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, threads)
 
-    manifest = read_manifest(spark, args.manifest)
-    batches = sorted(r["batch_id"] for r in manifest.select("batch_id").distinct().collect())
+    manifest = read_manifest(spark, args.manifest).cache()
+    listed = {r["batch_id"]: int(r["count"]) for r in manifest.groupBy("batch_id").count().collect()}
+    batches = sorted(listed)
+    total = sum(listed.values())  # the plan's listing: no S3 request per file
     files = classify(manifest, args.input_root)
-    total = files.count()  # the plan's listing: no S3 request per file
     parts = input_partitions(spark, total)
     log.info("%d files in %d batch(es), %d task(s)", total, len(batches), parts)
 
@@ -262,9 +360,17 @@ def main(argv: list[str]) -> int:
         progress.join(timeout=5)
     embed_s = time.monotonic() - started
     computed = time.monotonic()
-    # Few, large Parquet files: fewer S3 commits now, fewer small files for the PCA step to open later.
-    out_files = max(1, math.ceil(total / ROWS_PER_FILE))
 
+    per_batch = {
+        r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
+        for r in result.groupBy("batch_id")
+        .agg(
+            F.count("*").alias("files"),
+            F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
+            F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
+        )
+        .collect()
+    }
     embeddings = result.where(F.col("reason").isNull()).select(
         "batch_id",
         "path",
@@ -278,26 +384,22 @@ def main(argv: list[str]) -> int:
     rejects = result.where(F.col("reason").isNotNull()).select(
         "batch_id", "path", "label", "content_sha256", "size_bytes", "reason"
     )
-    embeddings.coalesce(out_files).write.mode("overwrite").partitionBy("batch_id").parquet(
-        args.embeddings_out
-    )
-    rejects.coalesce(out_files).write.mode("overwrite").partitionBy("batch_id").parquet(args.rejects_out)
+    # ceil(rows / 20,000) files per batch partition: a batch's rows are never spread over the whole run.
+    for frame, table, key in (
+        (embeddings, args.embeddings_out, "embedded"),
+        (rejects, args.rejects_out, "rejected"),
+    ):
+        counts = {b: c[key] for b, c in per_batch.items() if c[key] > 0}
+        tables.write_by_batch(spark, frame, counts, table, ["batch_id"])
+        sparkio.remove_partitions_not_written(spark, table, batches, set(counts))
     written = time.monotonic()
-
-    per_batch = {
-        r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
-        for r in result.groupBy("batch_id")
-        .agg(
-            F.count("*").alias("files"),
-            F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
-            F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
-        )
-        .collect()
-    }
-    for table, key in ((args.embeddings_out, "embedded"), (args.rejects_out, "rejected")):
-        non_empty = {b for b, c in per_batch.items() if c[key] > 0}
-        sparkio.remove_partitions_not_written(spark, table, batches, non_empty)
     result.unpersist()
+
+    if args.validation_out:
+        checks = validation(spark, args, batches, listed, mid)
+        sparkio.write_json(spark, args.validation_out, checks)
+        update_fit_sample(spark, args, batches)
+    validated = time.monotonic()
 
     seconds = time.monotonic() - started
     embedded = sum(c["embedded"] for c in per_batch.values())
@@ -316,6 +418,7 @@ def main(argv: list[str]) -> int:
         "action_seconds": round(written - action_started, 3),
         "compute_seconds": round(computed - action_started, 3),
         "write_seconds": round(written - computed, 3),
+        "validation_seconds": round(validated - written, 3),
         "action_window_unix": [
             round(time.time() - (time.monotonic() - t), 3) for t in (action_started, written)
         ],

@@ -2,12 +2,16 @@
 
     spark-submit --py-files fruits_jobs.zip pca.py --embeddings-root s3://B/embeddings \
         --model-root s3://B/models/pca --version V [--fit] --batches-file s3://B/runs/RUN/pca_batches.json \
-        --features-root s3://B/features (--k K | --variance-target 0.9 --max-k 256)
+        --features-root s3://B/features --validation-out s3://B/runs/RUN/pca_validation.json \
+        (--k K | --variance-target 0.9 --max-k 256)
 
-The batches file is {"fit": [batch ids], "transform": [batch ids]}. With --fit, the model is fitted on the
-"fit" batches and saved as version V with a variance report (JSON and a PNG scree plot). Without it,
-version V is loaded. Then the "transform" batches are transformed and written to
-features_root/pca_version=V/batch_id=B. Imports nothing from Airflow.
+The batches file is {"fit": [batch ids], "transform": [batch ids]}. With --fit, version V is fitted on a
+bounded, deterministic sample of the "fit" batches' embeddings: the bottom FIT_SAMPLE_ROWS rows by a
+hash of the path (fruits_jobs/samples.py), kept up to date by the embed step, so the fit reads at most
+that many rows whatever the history. It is saved with a variance report (JSON and a PNG scree plot).
+Without --fit, version V is loaded. Then the "transform" batches are transformed, CHUNK_BATCHES batches
+at a time, into features_root/pca_version=V/batch_id=B; the job reads them back for its checks
+(--validation-out) and offers them to the run's report sample. Imports nothing from Airflow.
 """
 
 from __future__ import annotations
@@ -15,19 +19,32 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import time
 from datetime import UTC, datetime
 
-from fruits_jobs import sparkio
+import numpy as np
+import pyarrow as pa
+from fruits_jobs import samples, sparkio, tables
 from fruits_jobs.engine import EMBEDDING_DIM
-from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.feature import PCA, StandardScaler
+from pyspark import StorageLevel
+from pyspark.ml import PipelineModel
+from pyspark.ml.common import _py2java
+from pyspark.ml.feature import PCAModel, StandardScalerModel
 from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.ml.linalg import DenseMatrix, DenseVector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 log = sparkio.get_logger("fruits.pca")
+
+# Batches transformed per Spark job: a refit over thousands of batches is that many bounded jobs.
+CHUNK_BATCHES = 200
+# The report's sample: the bottom rows by path hash per split (Training, Test), features and embeddings.
+REPORT_SAMPLE_ROWS = 5_000
+TEST_BATCH_PATTERN = r"(^|[-_.])test([-_.]|$)"  # plugins/fruits/config.py's default
+FIT_BATCHES_LISTED = 100  # metadata.json names at most this many fit batches (and counts them all)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,11 +54,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-root", required=True)
     p.add_argument("--version", required=True, help="PCA model version to fit or to load")
     p.add_argument("--fit", action="store_true", help="fit and save version V before transforming")
-    p.add_argument("--batches-file", required=True, help='JSON {"fit": [ids], "transform": [ids]}')
+    p.add_argument("--batches-file", required=True, help='JSON {"fit": [...], "transform": [...]}')
     p.add_argument("--k", type=int, help="fixed number of components")
     p.add_argument("--variance-target", type=float, default=0.90)
     p.add_argument("--max-k", type=int, default=256)
     p.add_argument("--metrics-out")
+    p.add_argument("--validation-out", help="URI of the step's own checks (JSON), per batch")
+    p.add_argument("--sample-root", help="URI of the samples table (default: beside --embeddings-root)")
+    p.add_argument("--fit-sample", help="the run's fit sample state (default: runs/RUN/sample_fit.json)")
+    p.add_argument("--fit-sample-rows", type=int, default=30_000, help="when no fit sample exists")
+    p.add_argument("--report-sample-rows", type=int, default=REPORT_SAMPLE_ROWS)
+    p.add_argument("--test-batch-pattern", default=TEST_BATCH_PATTERN)
+    p.add_argument("--chunk-batches", type=int, default=CHUNK_BATCHES)
     args = p.parse_args(argv)
     if args.k is not None and not 1 <= args.k <= EMBEDDING_DIM:
         p.error(f"--k must be in [1, {EMBEDDING_DIM}], got {args.k}")
@@ -52,30 +76,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def read_batches(spark: SparkSession, args: argparse.Namespace) -> None:
-    """The batch lists come from the run's file, never from arguments (whose length AWS bounds)."""
-    lists = json.loads(sparkio.read_text(spark, args.batches_file))
-    args.fit_batches, args.batches = list(lists.get("fit") or []), list(lists.get("transform") or [])
-    if args.fit and not args.fit_batches:
-        raise SystemExit(f"pca: --fit but {args.batches_file} lists no fit batch")
-    if not args.batches:
+def read_batches(spark: SparkSession, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    spec = json.loads(sparkio.read_text(spark, args.batches_file))
+    fit, transform = sorted(spec.get("fit") or []), sorted(spec.get("transform") or [])
+    if args.fit and not fit:
+        raise SystemExit(f"pca: --fit needs fit batches; {args.batches_file} lists none")
+    if not transform:
         raise SystemExit(f"pca: {args.batches_file} lists no batch to transform")
+    return fit, transform
 
 
-def read_embeddings(spark: SparkSession, root: str, batches: list[str]) -> DataFrame | None:
-    """Only the named batch partitions are read: the DAG decides which batches are trusted.
+def run_folder(args: argparse.Namespace) -> tuple[str, str]:
+    """(runs/RUN/ URI, RUN), from the run's own files."""
+    uri = args.validation_out or args.metrics_out or args.batches_file
+    folder = uri.rsplit("/", 1)[0]
+    return folder + "/", folder.rsplit("/", 1)[1]
 
-    A batch whose every file was rejected has no embeddings partition: it simply gets no features."""
-    paths = [f"{root.rstrip('/')}/batch_id={b}" for b in batches]
-    present = [p for p in paths if sparkio.exists(spark, p)]
-    missing = sorted(set(paths) - set(present))
-    if missing:
-        log.warning("no embeddings (every file rejected?) for %s", missing)
-    if not present:
-        return None
-    return (
-        spark.read.option("basePath", root).parquet(*present).withColumn("vec", array_to_vector("embedding"))
-    )
+
+def sample_root(args: argparse.Namespace) -> str:
+    return (args.sample_root or args.embeddings_root.rstrip("/").rsplit("/", 1)[0] + "/samples").rstrip("/")
 
 
 def choose_k(cumulative: list[float], k: int | None, target: float) -> int:
@@ -113,30 +132,121 @@ def scree_png(explained: list[float], cumulative: list[float], k: int, target: f
     return buf.getvalue()
 
 
-def fit(spark: SparkSession, args: argparse.Namespace, cached: DataFrame | None = None) -> dict:
-    """Fit and save version V; `cached` is the fit batches' embeddings when main already holds them."""
-    frame = cached if cached is not None else read_embeddings(spark, args.embeddings_root, args.fit_batches)
-    if frame is None:
-        raise SystemExit("pca: nothing to fit on: the fit batches have no embeddings (all files rejected?)")
-    data = frame.select("vec") if cached is not None else frame.select("vec").cache()
-    n_rows = data.count()
+# --- the fit ------------------------------------------------------------------------------------------
+def moments(frame: DataFrame, dim: int = EMBEDDING_DIM) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, mean, scatter matrix sum (x - mean)(x - mean)^T) of the `embedding` column, float64: one
+    matrix product per Arrow batch in the Python workers (BLAS level 3), merged pairwise (Chan et al.),
+    so only dim x dim numbers per task reach the driver."""
+
+    def per_task(batches):
+        n, mean, m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+        for batch in batches:
+            col = batch.column(0)
+            if len(col) == 0:
+                continue
+            x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), dim)
+            nb, mb = len(x), x.mean(axis=0)
+            xc = x - mb
+            n, mean, m2 = _merge(n, mean, m2, nb, mb, xc.T @ xc)
+        yield pa.RecordBatch.from_pydict({"n": [n], "mean": [mean.tobytes()], "m2": [m2.tobytes()]})
+
+    n, mean, m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+    parts = frame.select("embedding").mapInArrow(per_task, "n long, mean binary, m2 binary").collect()
+    for r in parts:
+        if r["n"]:
+            pm = np.frombuffer(r["mean"], dtype=np.float64)
+            pm2 = np.frombuffer(r["m2"], dtype=np.float64).reshape(dim, dim)
+            n, mean, m2 = _merge(n, mean, m2, int(r["n"]), pm, pm2)
+    return n, mean, m2
+
+
+def _merge(na: int, ma: np.ndarray, m2a: np.ndarray, nb: int, mb: np.ndarray, m2b: np.ndarray):
+    if na == 0:
+        return nb, mb.copy(), m2b.copy()
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + np.outer(delta, delta) * (na * nb / n)
+
+
+def fitted_pipeline(spark: SparkSession, n: int, mean: np.ndarray, m2: np.ndarray, k_fit: int):
+    """The same model Spark ML's StandardScaler(withMean, withStd) + PCA would fit on these rows (sample
+    std; zero-variance dims scaled to 0; explained variance = eigenvalue / trace), built from the
+    moments, and returned as a Spark ML PipelineModel (saved and loaded as any other)."""
+    cov = m2 / (n - 1)
+    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
+    corr = cov * inv[:, None] * inv[None, :]
+    eigenvalues, vectors = np.linalg.eigh(corr)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]
+    ratio = eigenvalues / eigenvalues.sum()
+    sc, jvm = spark.sparkContext, spark._jvm
+    scaler = StandardScalerModel(
+        jvm.org.apache.spark.ml.feature.StandardScalerModel(
+            "fruits_scaler", _py2java(sc, DenseVector(std)), _py2java(sc, DenseVector(mean))
+        )
+    )
+    dim = len(mean)
+    pca = PCAModel(
+        jvm.org.apache.spark.ml.feature.PCAModel(
+            "fruits_pca",
+            _py2java(sc, DenseMatrix(dim, k_fit, vectors[:, :k_fit].flatten(order="F"))),
+            _py2java(sc, DenseVector(ratio[:k_fit])),
+        )
+    )
+    for param, value in (("inputCol", "vec"), ("outputCol", "scaled"), ("withMean", True), ("withStd", True)):
+        scaler.set(scaler.getParam(param), value)
+    for param, value in (("inputCol", "scaled"), ("outputCol", "pca"), ("k", k_fit)):
+        pca.set(pca.getParam(param), value)
+    return PipelineModel([scaler, pca]), [float(v) for v in ratio[:k_fit]]
+
+
+def fit_sample(
+    spark: SparkSession, args: argparse.Namespace, fit_batches: list[str]
+) -> tuple[DataFrame, dict]:
+    """The fit's rows: the run's fit sample (written by the embed step) restricted to the fit batches.
+    With no sample at all (a history from before samples), the bottom rows by hash of the fit batches'
+    embeddings are taken once, from a full read, and the metadata says so."""
+    folder, _ = run_folder(args)
+    state_uri = args.fit_sample or f"{folder}sample_fit.json"
+    wanted = spark.createDataFrame([(b,) for b in fit_batches], "batch_id string")
+    if sparkio.exists(spark, state_uri):
+        state = json.loads(sparkio.read_text(spark, state_uri))
+        rows = samples.read(spark, state, "stratum")
+        source = {"method": "sample", "state": state_uri, "size": int(state.get("size", 0))}
+    else:
+        state, rows = {}, None
+    if rows is None:
+        log.warning("no fit sample at %s: sampling the fit batches' embeddings from a full read", state_uri)
+        emb = tables.read_partitions(spark, args.embeddings_root, fit_batches)
+        if emb is None:
+            raise SystemExit(
+                "pca: nothing to fit on: the fit batches have no embeddings (all files rejected?)"
+            )
+        offered = samples.with_hash(
+            emb.select("batch_id", "path", "embedding").withColumn("stratum", F.lit("all"))
+        )
+        rows = samples._prefilter(offered, args.fit_sample_rows, "stratum")
+        source = {"method": "full read", "size": args.fit_sample_rows}
+    rows = rows.join(F.broadcast(wanted), "batch_id").select("batch_id", "path", "embedding")
+    return rows, source
+
+
+def fit(spark: SparkSession, args: argparse.Namespace, fit_batches: list[str]) -> dict:
+    """Fit and save version V on the bounded sample."""
+    rows, source = fit_sample(spark, args, fit_batches)
+    rows = rows.cache()
+    n_rows = rows.count()
     if n_rows < 2:
-        raise SystemExit(f"pca: cannot fit on {n_rows} row(s); add images or fix --fit-batch")
+        raise SystemExit(f"pca: cannot fit on {n_rows} row(s); add images or fix the fit batches")
     k_fit = min(args.k if args.k is not None else args.max_k, EMBEDDING_DIM, n_rows)
     if args.k is not None and args.k > n_rows:
         raise SystemExit(f"pca: k={args.k} exceeds the {n_rows} rows to fit on; lower k or add batches")
-    pipeline = Pipeline(
-        stages=[
-            StandardScaler(inputCol="vec", outputCol="scaled", withMean=True, withStd=True),
-            PCA(k=k_fit, inputCol="scaled", outputCol="pca"),
-        ]
-    )
-    model = pipeline.fit(data)
-    if cached is None:
-        data.unpersist()
-    explained = [float(v) for v in model.stages[-1].explainedVariance]
-    cumulative = []
-    total = 0.0
+    sampled_batches = sorted(r[0] for r in rows.select("batch_id").distinct().collect())
+    n, mean, m2 = moments(rows)
+    rows.unpersist()
+    model, explained = fitted_pipeline(spark, n, mean, m2, k_fit)
+    cumulative, total = [], 0.0
     for v in explained:
         total += v
         cumulative.append(min(total, 1.0))
@@ -144,6 +254,7 @@ def fit(spark: SparkSession, args: argparse.Namespace, cached: DataFrame | None 
     target = None if args.k is not None else args.variance_target
     version_root = f"{args.model_root.rstrip('/')}/{args.version}"
     model.write().overwrite().save(f"{version_root}/spark_model")
+    pattern = re.compile(args.test_batch_pattern, re.IGNORECASE)
     meta = {
         "version": args.version,
         "k": k,
@@ -155,14 +266,21 @@ def fit(spark: SparkSession, args: argparse.Namespace, cached: DataFrame | None 
         "cumulative_explained_variance": cumulative,
         "explained_variance_at_k": cumulative[k - 1],
         "fit_rows": n_rows,
-        "fit_batches": sorted(args.fit_batches),
+        "fit_sample": {**source, "rows": n_rows, "rule": "bottom rows by xxhash64(path)"},
+        "fit_batch_count": len(fit_batches),
+        "fit_batches": fit_batches[:FIT_BATCHES_LISTED],
+        "fit_batches_listed_all": len(fit_batches) <= FIT_BATCHES_LISTED,
+        "fit_sampled_batches": len(sampled_batches),
+        "fit_saw_test": any(pattern.search(b) for b in sampled_batches),
         "input_dim": EMBEDDING_DIM,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     sparkio.write_bytes(spark, f"{version_root}/scree.png", scree_png(explained, cumulative, k, target))
     # metadata.json last: a version folder without it is an unfinished fit and is never loaded.
     sparkio.write_json(spark, f"{version_root}/metadata.json", meta)
-    log.info("fitted PCA %s on %d rows: k=%d explains %.4f", args.version, n_rows, k, cumulative[k - 1])
+    log.info(
+        "fitted PCA %s on a sample of %d rows: k=%d explains %.4f", args.version, n_rows, k, cumulative[k - 1]
+    )
     return meta
 
 
@@ -173,43 +291,115 @@ def load(spark: SparkSession, args: argparse.Namespace) -> dict:
     return json.loads(sparkio.read_text(spark, uri))
 
 
+# --- the transform, in chunks ----------------------------------------------------------------------------
+def transform_chunk(
+    spark: SparkSession, args: argparse.Namespace, model: PipelineModel, k: int, chunk: list[str], out: str
+) -> tuple[dict, DataFrame | None]:
+    """Transform one chunk of batches, write it (ceil(rows / 20,000) files per batch), read it back for
+    the checks; returns ({batch: checks}, the chunk's offer to the report sample)."""
+    nothing = {  # a batch whose every file was rejected has no embeddings: it is reported all the same
+        b: {"embeddings": 0, "features": 0, "distinct_paths": 0, "missing_features": 0, "extra_features": 0}
+        for b in chunk
+    }
+    emb = tables.read_partitions(spark, args.embeddings_root, chunk)
+    if emb is None:
+        return nothing, None
+    emb = emb.persist(StorageLevel.MEMORY_AND_DISK)  # read from S3 once per chunk
+    counts = {r["batch_id"]: int(r["count"]) for r in emb.groupBy("batch_id").count().collect()}
+    features = model.transform(emb.withColumn("vec", array_to_vector("embedding"))).select(
+        "batch_id",
+        "path",
+        "label",
+        "content_sha256",
+        F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
+        F.lit(args.version).alias("pca_version"),
+        "model_id",
+    )
+    tables.write_by_batch(spark, features, counts, out, ["batch_id"])
+    written = tables.read_partitions(spark, out, chunk)
+    if written is None:
+        return {
+            **nothing,
+            **{b: {**nothing[b], "embeddings": n, "missing_features": n} for b, n in counts.items()},
+        }, None
+    checks = tables.vector_checks(written, "features", [F.collect_set("pca_version").alias("pca_versions")])
+    emb_paths = emb.select("batch_id", "path")
+    feat_paths = written.select("batch_id", "path")
+    missing = emb_paths.join(feat_paths, ["batch_id", "path"], "left_anti").groupBy("batch_id").count()
+    extra = feat_paths.join(emb_paths, ["batch_id", "path"], "left_anti").groupBy("batch_id").count()
+    labels = tables.counts_by(written, "label")
+    missing_n = {r["batch_id"]: int(r["count"]) for r in missing.collect()}
+    extra_n = {r["batch_id"]: int(r["count"]) for r in extra.collect()}
+    out_checks = dict(nothing)
+    for b in sorted(set(counts) | set(checks)):
+        c = checks.get(b, {})
+        out_checks[b] = {
+            "embeddings": counts.get(b, 0),
+            "features": int(c.get("rows", 0)),
+            "distinct_paths": int(c.get("distinct_paths", 0)),
+            "dim_min": c.get("dim_min"),
+            "dim_max": c.get("dim_max"),
+            "null_vectors": int(c.get("null_vectors") or 0),
+            "nonfinite_values": int(c.get("nonfinite_values") or 0),
+            "pca_versions": sorted(c.get("pca_versions") or []),
+            "missing_features": missing_n.get(b, 0),
+            "extra_features": extra_n.get(b, 0),
+            "labels": dict(sorted(labels.get(b, {}).items())),
+        }
+    test = F.col("batch_id").rlike("(?i)" + args.test_batch_pattern)
+    offer = samples.with_hash(
+        written.select("batch_id", "path", "label", "features").join(emb.select("path", "embedding"), "path")
+    ).withColumn("split", F.when(test, "test").otherwise("train"))
+    return out_checks, offer
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     spark = SparkSession.builder.appName("fruits-pca").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     started = time.monotonic()
-    read_batches(spark, args)
-    cached = None
-    if args.fit and set(args.fit_batches) == set(args.batches):
-        # A refit transforms exactly what it fits on: read the embeddings from S3 once, keep them cached.
-        cached = read_embeddings(spark, args.embeddings_root, args.batches)
-        cached = cached.drop("embedding").cache() if cached is not None else None
-    meta = fit(spark, args, cached) if args.fit else load(spark, args)
+    fit_batches, batches = read_batches(spark, args)
+    meta = fit(spark, args, fit_batches) if args.fit else load(spark, args)
     fit_s = time.monotonic() - started
     model = PipelineModel.load(f"{args.model_root.rstrip('/')}/{args.version}/spark_model")
     k = int(meta["k"])
 
-    embeddings = cached if cached is not None else read_embeddings(spark, args.embeddings_root, args.batches)
     out = f"{args.features_root.rstrip('/')}/pca_version={args.version}"
-    rows, written = 0, set()
-    if embeddings is not None:
-        features = model.transform(embeddings).select(
-            "batch_id",
-            "path",
-            "label",
-            "content_sha256",
-            F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
-            F.lit(args.version).alias("pca_version"),
-            "model_id",
+    checks: dict[str, dict] = {}
+    offered: DataFrame | None = None
+    size = args.report_sample_rows
+    for i in range(0, len(batches), args.chunk_batches):
+        chunk = batches[i : i + args.chunk_batches]
+        chunk_checks, offer = transform_chunk(spark, args, model, k, chunk, out)
+        checks.update(chunk_checks)
+        if offer is not None:  # keep only what can be in the sample: bounded whatever the chunks
+            merged = offer if offered is None else offered.unionByName(offer)
+            offered = samples._prefilter(merged, size, "split").localCheckpoint()
+        spark.catalog.clearCache()  # the chunk's cached embeddings
+        log.info("transformed batches %d-%d of %d", i + 1, i + len(chunk), len(batches))
+    sparkio.remove_partitions_not_written(
+        spark, out, batches, {b for b, c in checks.items() if c.get("features")}
+    )
+    rows = sum(c["features"] for c in checks.values())
+    transformed = time.monotonic()
+
+    folder, run = run_folder(args)
+    if args.validation_out:
+        sparkio.write_json(
+            spark, args.validation_out, {"step": "pca", "version": args.version, "k": k, "batches": checks}
         )
-        features.write.mode("overwrite").partitionBy("batch_id").parquet(out)
-        counts = (
-            spark.read.parquet(out).where(F.col("batch_id").isin(args.batches)).groupBy("batch_id").count()
-        )
-        per_batch = {r["batch_id"]: r["count"] for r in counts.collect()}
-        rows, written = sum(per_batch.values()), set(per_batch)
-    sparkio.remove_partitions_not_written(spark, out, args.batches, written)
+        root = sample_root(args)
+        pointer = samples.read_pointer(spark, f"{root}/LATEST.json").get("report") or {}
+        part = pointer if pointer.get("version") == args.version and not args.fit else None
+        state = dict(part or {})
+        if offered is not None:
+            state = samples.update(
+                spark, part, offered, size, "split", f"{root}/report/pca_version={args.version}/run={run}"
+            )
+        sparkio.write_json(spark, f"{folder}sample_report.json", {**state, "version": args.version})
     seconds = time.monotonic() - started
     metrics = {
         "step": "pca",
@@ -217,12 +407,14 @@ def main(argv: list[str]) -> int:
         "fitted": bool(args.fit),
         "k": k,
         "explained_variance_at_k": meta["explained_variance_at_k"],
+        "fit_rows": meta.get("fit_rows"),
         "rows": rows,
-        "batches": sorted(args.batches),
+        "batches": len(batches),
         "fit_seconds": round(fit_s, 3),
+        "transform_seconds": round(transformed - fit_s - started, 3),
         "seconds": round(seconds, 3),
     }
-    log.info("transformed %d rows of %d batch(es) to k=%d in %.1f s", rows, len(args.batches), k, seconds)
+    log.info("transformed %d rows of %d batch(es) to k=%d in %.1f s", rows, len(batches), k, seconds)
     if args.metrics_out:
         sparkio.write_json(spark, args.metrics_out, metrics)
     spark.stop()

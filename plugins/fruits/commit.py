@@ -13,22 +13,6 @@ from fruits.catalog import Catalog, pmap
 EMBEDDING_DIM = 1280
 
 
-def record_validation(
-    catalog: Catalog, plan: dict[str, Any], results: dict[str, dict[str, Any]], pca_meta: dict[str, Any]
-) -> dict[str, Any]:
-    """Per-batch validation results to runs/RUN/validation.json; returns what XCom carries: its key, the
-    totals and the PCA numbers commit and summarize need (metadata.json itself holds a list per component
-    and the fit's batch list: too big for XCom)."""
-    key = catalog.layout.run_file(plan["run_id"], "validation.json")
-    catalog.write_run_file(key, {"batches": results})
-    return {
-        "key": key,
-        "batches": len(results),
-        **{n: sum(int(r[n]) for r in results.values()) for n in ("files", "embedded", "rejected")},
-        "pca": {n: pca_meta[n] for n in ("version", "k", "explained_variance_at_k")},
-    }
-
-
 def commit(catalog: Catalog, plan: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
     """Point at the new PCA model first, then write one ledger record per validated batch.
 

@@ -20,6 +20,8 @@ RUN_FILES = (
     "pca.json",  # pca step: metrics
     "embed_validation.json",  # embed step: its own checks
     "pca_validation.json",  # pca step: its own checks
+    "sample_fit.json",  # embed step: the fit sample's candidate state (samples.py)
+    "sample_report.json",  # pca step: the report sample's candidate state
     "validation.json",  # validate: the per-batch results
     "summary.json",  # summarize
     "report.json",  # report

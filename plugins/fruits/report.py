@@ -6,12 +6,16 @@ Train/Test split for the linear probe: a batch is held-out (Test) data when its 
 (`settings().test_batch_pattern`, e.g. `test-20260101`, `fruits360_test`); every other batch is Training.
 The probe compares a logistic regression on the PCA features with the same probe on the 1280-d
 embeddings, both trained on the Training batches and scored on the Test batches of the same PCA version.
+
+What it reads is bounded whatever the history: the run's own files (validation.json, step metrics), the
+model's metadata and scree plot, a few reject files of this run's batches, and the version's report
+sample, written by the pca step: at most REPORT_SAMPLE_ROWS rows per split (Training, Test), the bottom
+ones by a hash of the path, with their features and embeddings (spark_jobs/fruits_jobs/samples.py).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import logging
@@ -24,10 +28,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from fruits.catalog import Catalog
 from fruits.config import Settings
-from fruits.validate import iter_parquet
 
 log = logging.getLogger(__name__)
 EMBEDDING_DIM = 1280
@@ -56,50 +60,75 @@ def is_test_batch(batch_id: str, pattern: str) -> bool:
     return re.search(pattern, batch_id, flags=re.IGNORECASE) is not None
 
 
-def _keep(path: str, fraction: float) -> bool:
-    """Deterministic sampling by path: the same image is in or out on every report."""
-    if fraction >= 1.0:
-        return True
-    return int(hashlib.sha1(path.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
 def _as_matrix(column: pa.ChunkedArray, dim: int | None) -> np.ndarray:
     values = pc.list_flatten(column).to_numpy().astype(np.float32, copy=False)
     rows = len(column)
     return values.reshape(rows, dim if dim is not None else (values.size // rows if rows else 0))
 
 
-def read_vectors(
-    catalog: Catalog, prefixes: dict[str, str], column: str, fraction: float, dim: int | None
-) -> Vectors:
-    """{batch: partition prefix} -> sampled rows. Read file by file, so memory follows the sample."""
+def _parquet_tables(catalog: Catalog, folder_uri: str, columns: list[str] | None = None):
+    prefix = folder_uri.split("://", 1)[1].split("/", 1)[1] if "://" in folder_uri else folder_uri
+    for key in sorted(catalog.hook.list_keys(catalog.bucket, prefix=prefix.rstrip("/") + "/") or []):
+        if key.endswith(".parquet"):
+            body = catalog.hook.get_key(key, catalog.bucket).get()["Body"].read()
+            yield pq.read_table(io.BytesIO(body), columns=columns)
+
+
+def read_sample(catalog: Catalog, state: dict[str, Any], max_rows: int) -> pa.Table | None:
+    """The report sample's rows: base and deltas, the newest copy of each path, then the bottom rows by
+    hash per split (what spark_jobs/fruits_jobs/samples.read does, on at most a few thousand rows)."""
+    tables = []
+    for gen, folder in enumerate(list(state.get("base") or []) + list(state.get("deltas") or [])):
+        for t in _parquet_tables(
+            catalog, folder, ["batch_id", "path", "label", "h", "split", "features", "embedding"]
+        ):
+            tables.append(t.append_column("_gen", pa.array([gen] * t.num_rows, pa.int32())))
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="default")
+    paths = table.column("path").to_pylist()
+    gens = table.column("_gen").to_pylist()
+    newest: dict[str, int] = {}
+    for i, (path, gen) in enumerate(zip(paths, gens, strict=True)):
+        if path not in newest or gen > gens[newest[path]]:
+            newest[path] = i
+    size = min(int(state.get("size") or max_rows), max_rows)
+    order = sorted(newest.values(), key=lambda i: (table.column("h")[i].as_py(), paths[i]))
+    kept, per_split = [], {}
+    splits = table.column("split").to_pylist()
+    for i in order:
+        if per_split.get(splits[i], 0) < size:
+            per_split[splits[i]] = per_split.get(splits[i], 0) + 1
+            kept.append(i)
+    return table.take(pa.array(sorted(kept, key=lambda i: paths[i]), pa.int64()))
+
+
+def vectors_of(table: pa.Table | None, rows: np.ndarray, column: str, dim: int | None) -> Vectors:
     out = Vectors()
-    for batch, prefix in sorted(prefixes.items()):
-        for _, table in iter_parquet(catalog.hook, catalog.bucket, prefix):
-            keep = [_keep(p, fraction) for p in table.column("path").to_pylist()]
-            table = table.filter(pa.array(keep, pa.bool_())) if not all(keep) else table
-            if table.num_rows == 0:
-                continue
-            out.paths += table.column("path").to_pylist()
-            out.labels += [str(x) for x in table.column("label").to_pylist()]
-            out.batches += [batch] * table.num_rows
-            out.chunks.append(_as_matrix(table.column(column), dim))
+    if table is None or not rows.any():
+        return out
+    part = table.filter(pa.array(rows, pa.bool_()))
+    out.paths = part.column("path").to_pylist()
+    out.labels = [str(x) for x in part.column("label").to_pylist()]
+    out.batches = part.column("batch_id").to_pylist()
+    out.chunks = [_as_matrix(part.column(column), dim)]
     return out
 
 
-def read_rejects(catalog: Catalog, batches: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    reasons: dict[str, int] = {}
-    examples: list[tuple[str, str]] = []
-    layout = catalog.layout
-    for b in sorted(batches):
-        for _, table in iter_parquet(catalog.hook, catalog.bucket, layout.partition(layout.rejects, b)):
+def reject_examples(catalog: Catalog, results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The first MAX_REJECT_EXAMPLES rejected files of this run: reads only batches that have rejects,
+    and stops as soon as it has enough."""
+    layout, examples = catalog.layout, []
+    for b in sorted(results):
+        if not results[b].get("rejected") or len(examples) >= MAX_REJECT_EXAMPLES:
+            continue
+        for table in _parquet_tables(catalog, layout.partition(layout.rejects, b), ["path", "reason"]):
             for path, reason in zip(
                 table.column("path").to_pylist(), table.column("reason").to_pylist(), strict=True
             ):
-                reasons[reason] = reasons.get(reason, 0) + 1
                 if len(examples) < MAX_REJECT_EXAMPLES:
                     examples.append((path, reason))
-    return dict(sorted(reasons.items(), key=lambda kv: -kv[1])), examples
+    return examples
 
 
 # --- the linear probe -------------------------------------------------------------------------------------
@@ -374,6 +403,17 @@ def render(ctx: dict[str, Any]) -> str:
             ["batch", "split", "files", "embedded", "rejected", "labels", "processed by"], rows, {2, 3, 4, 5}
         )
     )
+    if ctx.get("earlier_batches"):
+        parts.append(
+            f"<p class='note'>{_num(ctx['earlier_batches'])} earlier batch(es) share PCA version "
+            f"<code>{_e(meta['version'])}</code>.</p>"
+        )
+    deferred = s.get("deferred") or {}
+    if deferred.get("batches"):
+        parts.append(
+            f"<p class='note warn' id='deferred'>Left for the next run (max_images_per_run): "
+            f"{_num(deferred.get('batches'))} batch(es), {_num(deferred.get('images'))} photo(s).</p>"
+        )
 
     # rejects
     parts.append("<h2 id='rejects'>Rejected files</h2>")
@@ -414,9 +454,19 @@ def render(ctx: dict[str, Any]) -> str:
     # PCA
     target = meta.get("variance_target")
     parts.append("<h2 id='pca'>PCA</h2>")
+    fit_batches = ", ".join(f"<code>{_e(b)}</code>" for b in meta.get("fit_batches", []))
+    if meta.get("fit_batch_count", 0) > len(meta.get("fit_batches", [])):
+        fit_batches += f" and {meta['fit_batch_count'] - len(meta['fit_batches'])} more"
+    sample = meta.get("fit_sample") or {}
     parts.append(
         f"<p class='note'>StandardScaler + PCA fitted on {_num(meta.get('fit_rows'))} embeddings of "
-        f"batch(es) {', '.join(f'<code>{_e(b)}</code>' for b in meta.get('fit_batches', []))}. "
+        f"batch(es) {fit_batches}"
+        + (
+            f" (the sample: the bottom {_num(sample.get('size'))} rows by a hash of the path)"
+            if sample.get("size")
+            else ""
+        )
+        + ". "
         f"Mode <b>{_e(meta.get('mode'))}</b>"
         + (f", target {float(target):.0%}" if target else "")
         + f": k = <b>{meta['k']}</b> of {meta.get('input_dim', EMBEDDING_DIM)} dimensions keeps "
@@ -433,8 +483,9 @@ def render(ctx: dict[str, Any]) -> str:
     # scatter
     parts.append("<h2 id='scatter'>PC1 / PC2</h2>")
     parts.append(
-        f"<p class='note'>{_num(ctx['scatter_rows'])} images of every batch with features in this PCA "
-        "version, coloured by label (the variety folder).</p>"
+        f"<p class='note'>{_num(ctx['scatter_rows'])} images of {_num(ctx['sample']['batches'])} batch(es) "
+        "with features in this PCA version (the version's report sample: the bottom rows by a hash of the "
+        "path, per split), coloured by label (the variety folder).</p>"
     )
     parts.append(_img("plot-scatter", ctx["plots"].get("scatter"), "PC1/PC2 scatter coloured by label"))
 
@@ -519,26 +570,28 @@ def _steps(catalog: Catalog, run_prefix: str, summary: dict[str, Any]) -> list[d
 
 
 def build(catalog: Catalog, plan: dict[str, Any], summary: dict[str, Any], s: Settings) -> dict[str, Any]:
-    """Everything the page shows, read back from S3 (what was committed, not what the tasks believed)."""
+    """Everything the page shows, read back from S3 (what was validated, not what the tasks believed);
+    a bounded read whatever the history."""
     layout = catalog.layout
     version = plan["pca"]["version"]
     meta = catalog.pca_metadata(version)
-    ledger = catalog.ledger()
-    in_version = sorted(b for b, r in ledger.items() if r.get("pca_version") == version)
-    test = {b for b in in_version if is_test_batch(b, s.test_batch_pattern)}
-    train = [b for b in in_version if b not in test]
-
-    def fraction(batches: list[str]) -> float:
-        total = sum(int(ledger[b].get("embedded") or 0) for b in batches)
-        return min(1.0, s.report_max_rows / total) if total else 1.0
-
-    feat_prefix = {b: layout.partition(layout.features_prefix(version), b) for b in in_version}
-    emb_prefix = {b: layout.partition(layout.embeddings, b) for b in in_version}
     k = int(meta["k"])
-    train_feats = read_vectors(catalog, {b: feat_prefix[b] for b in train}, "features", fraction(train), k)
-    test_feats = read_vectors(
-        catalog, {b: feat_prefix[b] for b in sorted(test)}, "features", fraction(sorted(test)), k
+    validated = catalog.read_json(f"{plan['run_prefix']}validation.json") or {}
+    results: dict[str, dict[str, Any]] = validated.get("batches") or {}
+    state = catalog.read_json(f"{plan['run_prefix']}sample_report.json") or {}
+    sample = read_sample(catalog, state, s.report_max_rows) if state.get("version") == version else None
+    sample_batches = sorted(set(sample.column("batch_id").to_pylist())) if sample is not None else []
+    is_test = np.array(
+        [
+            is_test_batch(b, s.test_batch_pattern)
+            for b in (sample.column("batch_id").to_pylist() if sample else [])
+        ],
+        dtype=bool,
     )
+    train = [b for b in sample_batches if not is_test_batch(b, s.test_batch_pattern)]
+    test = [b for b in sample_batches if is_test_batch(b, s.test_batch_pattern)]
+    train_feats = vectors_of(sample, ~is_test, "features", k)
+    test_feats = vectors_of(sample, is_test, "features", k)
 
     plots: dict[str, str | None] = {}
     scree_key = layout.pca_model_prefix(version) + "scree.png"
@@ -556,11 +609,11 @@ def build(catalog: Catalog, plan: dict[str, Any], summary: dict[str, Any], s: Se
         test_mask = np.array([False] * len(train_feats) + [True] * len(test_feats))
         plots["scatter"] = plot_scatter(everything, test_mask)
 
-    probe: dict[str, Any] = {"train_batches": train, "test_batches": sorted(test)}
+    probe: dict[str, Any] = {"train_batches": train, "test_batches": test}
     if not train or not test:
         probe["why"] = (
             "Linear probe not computed: it needs Training and Test batches in PCA version "
-            f"{version}; this version has {len(train)} Training and {len(test)} Test batch(es). A batch is "
+            f"{version}; its sample holds {len(train)} Training and {len(test)} Test batch(es). A batch is "
             "Test data when its id holds the token 'test' (for example test-2026-01-01)."
         )
     elif len(set(train_feats.labels)) < 2:
@@ -569,16 +622,8 @@ def build(catalog: Catalog, plan: dict[str, Any], summary: dict[str, Any], s: Se
         probe["pca"] = linear_probe(
             train_feats.matrix, train_feats.labels, test_feats.matrix, test_feats.labels
         )
-        train_emb = read_vectors(
-            catalog, {b: emb_prefix[b] for b in train}, "embedding", fraction(train), EMBEDDING_DIM
-        )
-        test_emb = read_vectors(
-            catalog,
-            {b: emb_prefix[b] for b in sorted(test)},
-            "embedding",
-            fraction(sorted(test)),
-            EMBEDDING_DIM,
-        )
+        train_emb = vectors_of(sample, ~is_test, "embedding", EMBEDDING_DIM)
+        test_emb = vectors_of(sample, is_test, "embedding", EMBEDDING_DIM)
         probe["full"] = linear_probe(train_emb.matrix, train_emb.labels, test_emb.matrix, test_emb.labels)
         log.info(
             "linear probe top-1: PCA (%d-d) %s, full embeddings (1280-d) %s, on %d test images",
@@ -590,21 +635,23 @@ def build(catalog: Catalog, plan: dict[str, Any], summary: dict[str, Any], s: Se
 
     steps = _steps(catalog, plan["run_prefix"], summary)
     plots["steps"] = plot_steps(steps)
-    reject_reasons, reject_examples = read_rejects(catalog, plan["batches"])
-    batches = []
-    for b in sorted(set(plan["batches"]) | set(in_version)):
-        record = ledger.get(b, {})
-        batches.append(
-            {
-                "batch_id": b,
-                "split": "test" if is_test_batch(b, s.test_batch_pattern) else "train",
-                "files": record.get("files"),
-                "embedded": record.get("embedded"),
-                "rejected": record.get("rejected"),
-                "labels": record.get("labels"),
-                "new": b in plan["batches"],
-            }
-        )
+    new = set(plan["batches"])
+    reasons: dict[str, int] = {}
+    for b in new:
+        for reason, n in ((results.get(b) or {}).get("reject_reasons") or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    batches = [
+        {
+            "batch_id": b,
+            "split": "test" if is_test_batch(b, s.test_batch_pattern) else "train",
+            "files": (results.get(b) or {}).get("files"),
+            "embedded": (results.get(b) or {}).get("embedded"),
+            "rejected": (results.get(b) or {}).get("rejected"),
+            "labels": (results.get(b) or {}).get("labels"),
+            "new": True,
+        }
+        for b in sorted(new)
+    ]
     return {
         "run_id": plan["run_id"],
         "compute": plan["params"].get("compute"),
@@ -613,13 +660,17 @@ def build(catalog: Catalog, plan: dict[str, Any], summary: dict[str, Any], s: Se
         "summary": summary,
         "pca_meta": meta,
         "batches": batches,
-        "reject_reasons": reject_reasons,
-        "reject_examples": reject_examples,
+        "earlier_batches": len([b for b in results if b not in new]) or len(set(sample_batches) - new),
+        "sample": {"rows": 0 if sample is None else sample.num_rows, "batches": len(sample_batches)},
+        "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "reject_examples": reject_examples(catalog, {b: results.get(b) or {} for b in new}),
         "steps": steps,
         "plots": plots,
         "scatter_rows": len(everything),
         "probe": probe,
-        "fit_saw_test": any(is_test_batch(b, s.test_batch_pattern) for b in meta.get("fit_batches", [])),
+        "fit_saw_test": meta.get(
+            "fit_saw_test", any(is_test_batch(b, s.test_batch_pattern) for b in meta.get("fit_batches", []))
+        ),
         "source": layout.uri(plan["run_prefix"]),
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -48,6 +48,8 @@ def embed_args(
         engine,
         "--metrics-out",
         layout.uri(layout.run_file(run_id, "embed.json")),
+        "--validation-out",  # the step's own checks of what it wrote (plugins/fruits/validate.py)
+        layout.uri(layout.run_file(run_id, "embed_validation.json")),
         "--s3-region",  # the job reads the photos with its own S3 client, which must sign for the bucket
         region,
     ]
@@ -70,6 +72,8 @@ def pca_args(layout: Layout, plan: PcaPlan, run_id: str) -> list[str]:
         plan.version,
         "--metrics-out",
         layout.uri(layout.run_file(run_id, "pca.json")),
+        "--validation-out",
+        layout.uri(layout.run_file(run_id, "pca_validation.json")),
         "--batches-file",  # {"fit": [...], "transform": [...]}
         layout.uri(layout.run_file(run_id, "pca_batches.json")),
     ]

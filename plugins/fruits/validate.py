@@ -1,24 +1,28 @@
-"""Validation of a run's outputs against its inputs, read back from S3 file by file (bounded memory).
+"""Validation of a run's outputs, from what the Spark steps measured and the Parquet footers.
 
-Nothing is recorded in the ledger unless every check here passes.
+The checks on the data (counts per batch, vector dims, null vectors, NaN/inf, duplicate paths, model ids,
+PCA versions, features vs embeddings one to one by path) are computed by the steps themselves, on what they
+wrote (runs/RUN/embed_validation.json, pca_validation.json). This side compares them with the plan
+(runs/RUN/expected.json: the input files of every batch the run rewrites) and reads each output file's
+Parquet footer (schema, row count: one ranged GET of the file's tail), never a vector. So its memory and
+transfer do not grow with the rows. Nothing is recorded in the ledger unless every check passes.
 """
 
 from __future__ import annotations
 
-import io
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import json
+import math
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-from fruits.layout import Layout
+from fruits.catalog import Catalog
 
 EMBEDDING_DIM = 1280
+ROWS_PER_FILE = 20_000  # spark_jobs/fruits_jobs/tables.py
+TAIL_BYTES = 64 << 10  # one GET reads a footer of up to this size (Spark's are a few KB)
+SAMPLES_POINTER = "samples/LATEST.json"  # spark_jobs/fruits_jobs/samples.py
 EXPECTED_COLUMNS = {
     "embeddings": {
         "path": pa.string(),
@@ -51,23 +55,17 @@ class ValidationFailed(RuntimeError):
     pass
 
 
-@dataclass
-class BatchResult:
-    batch_id: str
-    files: int
-    embedded: int = 0
-    rejected: int = 0
-    features: int = 0
-    labels: dict[str, int] = field(default_factory=dict)
-    reject_reasons: dict[str, int] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-
-def iter_parquet(hook: S3Hook, bucket: str, prefix: str) -> Iterator[tuple[str, pa.Table]]:
-    for key in sorted(hook.list_keys(bucket, prefix=prefix) or []):
-        if key.endswith(".parquet"):
-            body = hook.get_key(key, bucket).get()["Body"].read()
-            yield key, pq.read_table(io.BytesIO(body))
+# --- Parquet footers ------------------------------------------------------------------------------------
+def read_footer(client, bucket: str, key: str) -> pq.FileMetaData:
+    """A Parquet file's metadata from its last bytes: a ranged GET of the tail (a second one only when the
+    footer is larger than TAIL_BYTES). The row groups are never read."""
+    tail = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{TAIL_BYTES}")["Body"].read()
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError("not a Parquet file (no PAR1 magic at its end)")
+    size = int.from_bytes(tail[-8:-4], "little") + 8
+    if size > len(tail):
+        tail = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{size}")["Body"].read()
+    return pq.read_metadata(pa.BufferReader(tail[-size:]))
 
 
 def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
@@ -77,105 +75,214 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual.equals(expected)
 
 
-def _schema_problems(table: pa.Table, kind: str, key: str) -> list[str]:
+def schema_problems(schema: pa.Schema, kind: str, key: str) -> list[str]:
     problems = []
     for name, typ in EXPECTED_COLUMNS[kind].items():
-        if name not in table.column_names:
+        if name not in schema.names:
             problems.append(f"{key}: column {name!r} missing")
-        elif not _same_type(table.schema.field(name).type, typ):
-            problems.append(f"{key}: column {name!r} is {table.schema.field(name).type}, expected {typ}")
+        elif not _same_type(schema.field(name).type, typ):
+            problems.append(f"{key}: column {name!r} is {schema.field(name).type}, expected {typ}")
     return problems
 
 
-def _vector_problems(column: pa.ChunkedArray, dim: int, what: str, key: str) -> list[str]:
+def partition_footers(catalog: Catalog, prefix: str, kind: str) -> tuple[int, int, list[str]]:
+    """(rows, Parquet files, problems) of one batch partition, from its files' footers."""
+    client = catalog.hook.get_conn()
+    rows, files, problems = 0, 0, []
+    for key in sorted(catalog.hook.list_keys(catalog.bucket, prefix=prefix) or []):
+        if not key.endswith(".parquet"):
+            continue
+        files += 1
+        try:
+            meta = read_footer(client, catalog.bucket, key)
+        except (ValueError, OSError, pa.ArrowException) as exc:
+            problems.append(f"{key}: unreadable Parquet footer ({exc})")
+            continue
+        rows += meta.num_rows
+        problems += schema_problems(meta.schema.to_arrow_schema(), kind, key)
+    most = max(1, math.ceil(rows / ROWS_PER_FILE))
+    if files > most:
+        problems.append(f"{prefix}: {files} Parquet files for {rows} rows, expected at most {most}")
+    return rows, files, problems
+
+
+# --- the checks -------------------------------------------------------------------------------------------
+def _vector_problems(c: dict[str, Any], rows: int, dim: int, what: str) -> list[str]:
     problems = []
-    if column.null_count:
-        problems.append(f"{key}: {column.null_count} null {what} vector(s)")
-    lengths = pc.list_value_length(column)
-    lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
-    if len(column) and (lo != dim or hi != dim):
-        problems.append(f"{key}: {what} length in [{lo}, {hi}], expected {dim}")
-    values = pc.list_flatten(column)
-    bad = len(values) - pc.sum(pc.is_finite(values)).as_py() if len(values) else 0
-    if bad:
-        problems.append(f"{key}: {bad} NaN/inf value(s) in {what}")
+    if c.get("null_vectors"):
+        problems.append(f"{c['null_vectors']} null {what} vector(s)")
+    lo, hi = c.get("dim_min"), c.get("dim_max")
+    if rows and (lo != dim or hi != dim):
+        problems.append(f"{what} length in [{lo}, {hi}], expected {dim}")
+    if c.get("nonfinite_values"):
+        problems.append(f"{c['nonfinite_values']} NaN/inf value(s) in {what}")
     return problems
 
 
-def _single_value_problems(column: pa.ChunkedArray, expected: str, what: str, key: str) -> list[str]:
-    found = set(pc.unique(column).to_pylist())
-    return [] if found == {expected} else [f"{key}: {what} {sorted(map(str, found))}, expected {expected!r}"]
+def _values_problem(found: list[str], expected: str, what: str, rows: int) -> list[str]:
+    if rows and sorted(map(str, found or [])) != [expected]:
+        return [f"{what} {sorted(map(str, found or []))}, expected {expected!r}"]
+    return []
 
 
-def validate_batch(
-    hook: S3Hook, layout: Layout, batch_id: str, files: int, model_id: str, pca_version: str, k: int
-) -> BatchResult:
-    res = BatchResult(batch_id=batch_id, files=files)
-    seen_paths: set[str] = set()
-    embedded_paths: set[str] = set()
-    for kind, prefix in (
-        ("embeddings", layout.partition(layout.embeddings, batch_id)),
-        ("rejects", layout.partition(layout.rejects, batch_id)),
-    ):
-        for key, table in iter_parquet(hook, layout.bucket, prefix):
-            schema_problems = _schema_problems(table, kind, key)
-            if schema_problems:
-                res.problems += schema_problems
-                continue
-            paths = table.column("path").to_pylist()
-            counts = Counter(paths)
-            dupes = {p for p, c in counts.items() if c > 1} | seen_paths.intersection(counts)
-            if dupes:
-                res.problems.append(
-                    f"{key}: {len(dupes)} path(s) appear more than once, e.g. {sorted(dupes)[:3]}"
-                )
-            seen_paths.update(paths)
-            if kind == "embeddings":
-                res.embedded += table.num_rows
-                embedded_paths.update(paths)
-                res.problems += _vector_problems(table.column("embedding"), EMBEDDING_DIM, "embedding", key)
-                res.problems += _single_value_problems(table.column("model_id"), model_id, "model_id", key)
-                for label, n in zip(*pc.value_counts(table.column("label")).flatten(), strict=True):
-                    res.labels[str(label)] = res.labels.get(str(label), 0) + n.as_py()
-            else:
-                res.rejected += table.num_rows
-                for reason in table.column("reason").to_pylist():
-                    res.reject_reasons[reason] = res.reject_reasons.get(reason, 0) + 1
-    if res.embedded + res.rejected != files:
-        res.problems.append(
-            f"embedded ({res.embedded}) + rejected ({res.rejected}) = {res.embedded + res.rejected}, "
+def check_embed(catalog: Catalog, b: str, files: int, e: dict[str, Any] | None, model_id: str) -> dict:
+    layout = catalog.layout
+    res: dict[str, Any] = {"files": files, "problems": []}
+    if e is None:
+        res["problems"].append("the embed step reported nothing for this batch (embed_validation.json)")
+        return res
+    embedded, rejected = int(e.get("embedded", 0)), int(e.get("rejected", 0))
+    res.update(embedded=embedded, rejected=rejected, labels=e.get("labels") or {})
+    res["reject_reasons"] = e.get("reject_reasons") or {}
+    p = res["problems"]
+    if int(e.get("files", -1)) != files:
+        p.append(f"the embed step read {e.get('files')} input file(s), the plan listed {files}")
+    if embedded + rejected != files:
+        p.append(
+            f"embedded ({embedded}) + rejected ({rejected}) = {embedded + rejected}, "
             f"but the batch holds {files} input file(s)"
         )
-    feature_paths: set[str] = set()
-    for key, table in iter_parquet(
-        hook, layout.bucket, layout.partition(layout.features_prefix(pca_version), batch_id)
+    if e.get("duplicate_paths"):
+        p.append(f"{e['duplicate_paths']} path(s) appear more than once in the embeddings and rejects")
+    p += _vector_problems(e, embedded, EMBEDDING_DIM, "embedding")
+    p += _values_problem(e.get("model_ids"), model_id, "model_id", embedded)
+    for kind, table, expected in (
+        ("embeddings", layout.embeddings, embedded),
+        ("rejects", layout.rejects, rejected),
     ):
-        schema_problems = _schema_problems(table, "features", key)
-        if schema_problems:
-            res.problems += schema_problems
-            continue
-        res.features += table.num_rows
-        feature_paths.update(table.column("path").to_pylist())
-        res.problems += _vector_problems(table.column("features"), k, "PCA feature", key)
-        res.problems += _single_value_problems(table.column("pca_version"), pca_version, "pca_version", key)
-    if res.features != res.embedded or feature_paths != embedded_paths:
-        res.problems.append(
-            f"PCA features ({res.features} rows) do not match the embeddings ({res.embedded} rows) one to one"
-        )
+        rows, n_files, problems = partition_footers(catalog, layout.partition(table, b), kind)
+        res[f"{kind}_files"] = n_files
+        p += problems
+        if rows != expected:
+            p.append(f"{kind}: the Parquet footers hold {rows} row(s), the embed step counted {expected}")
     return res
 
 
-def validate_run(
-    hook: S3Hook, layout: Layout, files_per_batch: dict[str, int], model_id: str, pca_version: str, k: int
-) -> dict[str, dict[str, Any]]:
-    results = {
-        b: validate_batch(hook, layout, b, n, model_id, pca_version, k)
-        for b, n in sorted(files_per_batch.items())
+def check_pca(
+    catalog: Catalog, b: str, embedded: int | None, f: dict[str, Any] | None, version: str, k: int
+) -> dict:
+    layout = catalog.layout
+    res: dict[str, Any] = {"problems": []}
+    p = res["problems"]
+    if f is None:  # the step reports every batch it was given, one with no embeddings too
+        p.append("the pca step reported nothing for this batch (pca_validation.json)")
+        res["features"] = 0
+        return res
+    features = int(f.get("features", 0))
+    res.update(features=features, embeddings=int(f.get("embeddings", 0)), labels=f.get("labels") or {})
+    if embedded is not None and f.get("embeddings") != embedded:
+        p.append(f"the pca step read {f.get('embeddings')} embedding(s), the embed step wrote {embedded}")
+    if features != int(f.get("embeddings", 0)) or f.get("missing_features") or f.get("extra_features"):
+        p.append(
+            f"PCA features ({features} rows) do not match the embeddings ({f.get('embeddings')} rows) one to "
+            f"one: {f.get('missing_features', 0)} embedding path(s) without features, "
+            f"{f.get('extra_features', 0)} feature path(s) without an embedding"
+        )
+    if int(f.get("distinct_paths", features)) != features:
+        p.append(f"{features - int(f['distinct_paths'])} duplicate path(s) in the PCA features")
+    p += _vector_problems(f, features, k, "PCA feature")
+    p += _values_problem(f.get("pca_versions"), version, "pca_version", features)
+    rows, n_files, problems = partition_footers(
+        catalog, layout.partition(layout.features_prefix(version), b), "features"
+    )
+    res["features_files"] = n_files
+    p += problems
+    if rows != features:
+        p.append(f"features: the Parquet footers hold {rows} row(s), the pca step counted {features}")
+    return res
+
+
+def validate_run(catalog: Catalog, plan: dict[str, Any]) -> dict[str, Any]:
+    """Check every batch the run (re)wrote; write runs/RUN/validation.json (per batch, problems included);
+    raise ValidationFailed listing every problem, or return the totals (small: for XCom)."""
+    prefix, version = plan["run_prefix"], plan["pca"]["version"]
+    expected = catalog.read_json(plan["expected_key"]) or {}
+    embed = catalog.read_json(f"{prefix}embed_validation.json")
+    pca = catalog.read_json(f"{prefix}pca_validation.json")
+    meta = catalog.pca_metadata(version)
+    k = int(meta["k"])
+    run_problems = []
+    if embed is None:
+        run_problems.append(f"no {prefix}embed_validation.json: the embed step did not finish")
+    elif embed.get("model_id") != plan["model_id"]:
+        run_problems.append(
+            f"the embed step used model {embed.get('model_id')!r}, the plan {plan['model_id']!r}"
+        )
+    if pca is None:
+        run_problems.append(f"no {prefix}pca_validation.json: the pca step did not finish")
+    else:
+        if pca.get("version") != version:
+            run_problems.append(f"the pca step wrote version {pca.get('version')!r}, the plan {version!r}")
+        if int(pca.get("k", -1)) != k:
+            run_problems.append(f"the pca step used k={pca.get('k')}, the model's metadata k={k}")
+    new = set(catalog.read_json(plan["keys"]["batches.json"])["new"])
+    embed_b = (embed or {}).get("batches") or {}
+    pca_b = (pca or {}).get("batches") or {}
+    results: dict[str, dict[str, Any]] = {}
+    for b, files in sorted(expected.items()):
+        if b in new:
+            r = check_embed(catalog, b, int(files), embed_b.get(b), plan["model_id"])
+            embedded = r.get("embedded")
+        else:  # a refit rewrites only the features of an earlier batch
+            r = {"files": int(files), "problems": []}
+            embedded = None
+        f = check_pca(catalog, b, embedded, pca_b.get(b), version, k)
+        r["problems"] += f.pop("problems")
+        if b not in new:
+            r.update(embedded=f.get("embeddings", 0), labels=f.get("labels") or {}, reject_reasons={})
+            r["rejected"] = int(files) - r["embedded"]
+        r.update(features=f.get("features", 0), features_files=f.get("features_files", 0))
+        results[b] = r
+    problems = run_problems + [f"[{b}] {p}" for b, r in results.items() for p in r["problems"]]
+    totals = {
+        "batches": len(new),
+        "batches_validated": len(results),
+        "images": sum(results[b]["files"] for b in new if b in results),
+        "embedded": sum(results[b].get("embedded", 0) for b in new if b in results),
+        "rejected": sum(results[b].get("rejected", 0) for b in new if b in results),
+        "features": sum(r.get("features", 0) for r in results.values()),
+        "problems": len(problems),
     }
-    problems = [f"[{b}] {p}" for b, r in results.items() for p in r.problems]
+    key = f"{prefix}validation.json"
+    catalog.write_json(
+        key,
+        {
+            "ok": not problems,
+            "totals": totals,
+            "pca": {"version": version, "k": k, "explained_variance_at_k": meta["explained_variance_at_k"]},
+            "model_id": plan["model_id"],
+            "problems": problems,
+            "batches": results,
+        },
+    )
     if problems:
         raise ValidationFailed(
-            f"{len(problems)} validation problem(s); nothing was recorded in the ledger:\n"
-            + "\n".join(problems)
+            f"{len(problems)} validation problem(s); nothing was recorded in the ledger (all of them in "
+            f"{catalog.layout.uri(key)}):\n" + "\n".join(problems)
         )
-    return {b: asdict(r) for b, r in results.items()}
+    publish_samples(catalog, prefix)
+    return {
+        **totals,
+        "key": key,
+        "pca": {
+            "version": version,
+            "k": k,
+            "explained_variance_at_k": meta["explained_variance_at_k"],
+        },
+    }
+
+
+def publish_samples(catalog: Catalog, run_prefix: str) -> None:
+    """Move samples/LATEST.json to the run's sample state (spark_jobs/fruits_jobs/samples.py): only a
+    validated run's sampled rows are ever read by a later fit or report."""
+    pointer = catalog.read_json(SAMPLES_POINTER) or {}
+    changed = False
+    for name, part in (("fit", "sample_fit.json"), ("report", "sample_report.json")):
+        state = catalog.read_json(f"{run_prefix}{part}")
+        if state is not None:
+            pointer[name] = state
+            changed = True
+    if changed:
+        catalog.hook.load_string(
+            json.dumps(pointer, indent=2, sort_keys=True), SAMPLES_POINTER, catalog.bucket, replace=True
+        )

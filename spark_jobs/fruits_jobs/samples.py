@@ -1,0 +1,140 @@
+"""Deterministic samples that stay small whatever the history: the bottom-N rows by a hash of the path.
+
+A sample ("reservoir") is kept per stratum (a column value: one stratum for the PCA fit, Training and Test
+for the report) as one compacted `base` folder plus up to MAX_DELTAS (8) small `delta` folders, each a
+Parquet folder written by one run. Its state is a small JSON part:
+
+    {"base": [uri], "deltas": [uri, ...], "threshold": {stratum: t or null}, "size": N, "rows": n}
+
+Every row ever offered whose hash h is below its stratum's threshold is in base or deltas, and the
+threshold is the N-th smallest h at the last compaction (null while the stratum holds fewer than N
+rows). So the N rows with the smallest h per stratum of (base + deltas), a path kept once (its newest
+copy), are exactly the bottom-N of every row ever offered: a deterministic sample, the same whatever
+order the batches came in. A run offering new rows costs what they cost: it appends those below the
+threshold (about new_rows x N / total rows) as a delta; only when the deltas reach MAX_DELTAS, or a
+stratum is not full yet, does it rewrite the base (at most N rows per stratum).
+
+The state moves only after the run's validation passed (plugins/fruits/validate.py writes
+samples/LATEST.json from the run's candidate `runs/RUN/sample_*.json`), so a failed run's rows are never
+read by a later one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from fruits_jobs import sparkio
+from fruits_jobs.tables import path_hash
+
+MAX_DELTAS = 8  # each delta is a few more requests for every reader; a compaction rewrites <= N rows
+NOT_FULL = 2.0  # above any hash: every row of a stratum that is not full yet is kept
+
+
+def read_pointer(spark: SparkSession, uri: str) -> dict[str, Any]:
+    """samples/LATEST.json, or {} when there is none yet (first run, or a history from before samples)."""
+    if not sparkio.exists(spark, uri):
+        return {}
+    return json.loads(sparkio.read_text(spark, uri))
+
+
+def with_hash(frame: DataFrame) -> DataFrame:
+    return frame if "h" in frame.columns else frame.withColumn("h", path_hash())
+
+
+def _threshold(part: dict[str, Any] | None, stratum_col: str):
+    expr = F.lit(NOT_FULL)
+    for stratum, t in ((part or {}).get("threshold") or {}).items():
+        if t is not None:
+            expr = F.when(F.col(stratum_col) == F.lit(stratum), F.lit(float(t))).otherwise(expr)
+    return expr
+
+
+def _stored(spark: SparkSession, part: dict[str, Any] | None) -> list[DataFrame]:
+    folders = list((part or {}).get("base") or []) + list((part or {}).get("deltas") or [])
+    return [spark.read.parquet(f).withColumn("_gen", F.lit(i)) for i, f in enumerate(folders)]
+
+
+def _bottom(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
+    """Newest copy of each path, then the `size` smallest (h, path) per stratum."""
+    newest = Window.partitionBy("path").orderBy(F.col("_gen").desc())
+    first = Window.partitionBy(stratum_col).orderBy("h", "path")
+    return (
+        frame.withColumn("_n", F.row_number().over(newest))
+        .where("_n = 1")
+        .withColumn("_r", F.row_number().over(first))
+        .where(F.col("_r") <= size)
+        .drop("_n", "_r", "_gen")
+    )
+
+
+def read(spark: SparkSession, part: dict[str, Any] | None, stratum_col: str) -> DataFrame | None:
+    """The sample's rows (at most size per stratum); None when it is empty."""
+    stored = _stored(spark, part)
+    if not stored:
+        return None
+    frame = stored[0]
+    for other in stored[1:]:
+        frame = frame.unionByName(other, allowMissingColumns=True)
+    return _bottom(frame, int(part["size"]), stratum_col)  # type: ignore[index]
+
+
+def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
+    """Only the rows that can be in a bottom-`size`: per stratum, h up to its size-th smallest value (a
+    top-k per task on one double column, no sort of the vectors). Bounds what the window sorts."""
+    cut = F.lit(NOT_FULL)
+    strata = [r[0] for r in offered.select(stratum_col).distinct().collect()]
+    for stratum in strata:
+        top = offered.where(F.col(stratum_col) == F.lit(stratum)).select("h").orderBy("h").limit(size)
+        row = top.agg(F.count("*").alias("n"), F.max("h").alias("t")).collect()[0]
+        if row["n"] >= size:
+            cut = F.when(F.col(stratum_col) == F.lit(stratum), F.lit(float(row["t"]))).otherwise(cut)
+    return offered.where(F.col("h") <= cut)
+
+
+def update(
+    spark: SparkSession,
+    part: dict[str, Any] | None,
+    offered: DataFrame,
+    size: int,
+    stratum_col: str,
+    out_uri: str,
+) -> dict[str, Any]:
+    """Offer rows (a DataFrame with path, stratum_col and the sampled columns) to the sample; writes a
+    delta or a new base at out_uri and returns the new state (the caller writes it as the candidate)."""
+    part = dict(part or {})
+    if part and int(part.get("size", size)) != size:
+        part = {}  # another sample size: start again from what is offered
+    offered = with_hash(offered)
+    fresh = offered.where(F.col("h") < _threshold(part, stratum_col))
+    thresholds = part.get("threshold") or {}
+    deltas = list(part.get("deltas") or [])
+    full = bool(thresholds) and all(t is not None for t in thresholds.values())
+    new_strata = {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
+    if full and not new_strata and len(deltas) < MAX_DELTAS and part.get("base"):
+        fresh = fresh.cache()
+        added = fresh.count()
+        if added:
+            fresh.coalesce(1).write.mode("overwrite").parquet(out_uri)
+            deltas.append(out_uri)
+        fresh.unpersist()
+        return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
+    # Compaction: rewrite the base as the bottom-N per stratum of everything kept so far plus the offer.
+    stored = _stored(spark, part)
+    frame = _prefilter(fresh, size, stratum_col).withColumn("_gen", F.lit(len(stored)))
+    for other in stored:
+        frame = other.unionByName(frame, allowMissingColumns=True)
+    kept = _bottom(frame, size, stratum_col).cache()
+    stats = kept.groupBy(stratum_col).agg(F.count("*").alias("n"), F.max("h").alias("t")).collect()
+    kept.coalesce(1).write.mode("overwrite").parquet(out_uri)
+    kept.unpersist()
+    return {
+        "base": [out_uri],
+        "deltas": [],
+        "threshold": {str(r[stratum_col]): (float(r["t"]) if r["n"] >= size else None) for r in stats},
+        "size": size,
+        "rows": sum(int(r["n"]) for r in stats),
+    }
