@@ -168,10 +168,14 @@ def write_run(
         f"models/pca/{VERSION}/metadata.json",
         {"version": VERSION, "k": k, "explained_variance_at_k": 0.9},
     )
+    # The plan's batch lists, as plugins/fruits/plan.py writes them (runs/RUN/batches.json).
+    put_json(
+        client, bucket, f"{run_prefix}batches.json", {"new": sorted(batches), "recorded": [], "refit": []}
+    )
     return {
         "run_id": "synthetic",
         "run_prefix": run_prefix,
-        "batches": sorted(batches),
+        "keys": {"batches.json": f"{run_prefix}batches.json", "expected.json": f"{run_prefix}expected.json"},
         "model_id": MODEL_ID,
         "pca": {"version": VERSION, "fit": False},
         "expected_key": f"{run_prefix}expected.json",

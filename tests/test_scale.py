@@ -187,7 +187,19 @@ def _one_run(params_conf: dict[str, Any], run_id: str) -> dict[str, Any]:
         for b, n in expected.items()
     }
     meta = {"version": plan["pca"]["version"], "k": 64, "explained_variance_at_k": 0.9}
-    validated = commit_mod.record_validation(catalog, plan, results, meta)
+    # What validate.validate_run writes and returns once every check passed (its checks are
+    # tests/test_validate.py's): the per-batch results in a run file, the totals in XCom.
+    key = catalog.layout.run_file(plan["run_id"], "validation.json")
+    catalog.write_run_file(key, {"ok": True, "batches": results})
+    validated = {
+        "batches": plan["new_batches"],
+        "batches_validated": len(results),
+        **{n: sum(r[n] for r in results.values()) for n in ("embedded", "rejected", "features")},
+        "images": sum(r["files"] for r in results.values()),
+        "problems": 0,
+        "key": key,
+        "pca": meta,
+    }
     committed = commit_mod.commit(catalog, plan, validated)
     summary = commit_mod.summarize(plan, validated, committed, 1.0)
     planning.release_claims(catalog, claimed, run_id)
@@ -204,6 +216,12 @@ def _one_run(params_conf: dict[str, Any], run_id: str) -> dict[str, Any]:
         "summarize": summary,
     }
     return {"plan": plan, "steps": steps, "xcoms": xcoms, "catalog": catalog, "expected": expected}
+
+
+@pytest.fixture(autouse=True)
+def _emr_subnet(monkeypatch):
+    """compute=emr requires a subnet (plan.parse_params): the plans here are built, never launched."""
+    monkeypatch.setenv("FRUITS_EMR_SUBNET_ID", "subnet-0123456789abcdef0")
 
 
 def test_1000_new_batches_and_a_refit_over_5000_keep_xcom_and_step_args_small(big_history):
