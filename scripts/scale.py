@@ -28,11 +28,13 @@ Human-readable figures first; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,10 +164,21 @@ def history_vectors(rng, rows: int):
     return np.abs(rng.normal(size=(rows, DIM)).astype(np.float32) * scale)
 
 
+FIT_SAMPLE_ROWS = 30_000  # spark_jobs/pca.py's default fit sample size
+
+
+def _h(path: str) -> float:
+    """A hash of the path in [0, 1). The job uses Spark's xxhash64; which hash chose the history's
+    sample rows does not change what the fit reads (scripts/fit_bench.py does the same)."""
+    return int(hashlib.sha1(path.encode()).hexdigest()[:15], 16) / 16**15
+
+
 def build_history(bucket: str, batches: int, rows: int, model_id: str, seed: int = 11) -> dict[str, int]:
     """`batches` processed batches, `rows` embeddings in all, as a long-running bucket holds them: for each,
     the _READY marker (the photos themselves are not needed), one embeddings file and a ledger record.
-    Every 10th batch also has one reject. Returns {what: objects written}."""
+    Every 10th batch also has one reject. Plus the fit sample the embed steps would have kept for that
+    history (samples/fit/, the bottom FIT_SAMPLE_ROWS rows by a hash of the path, named by
+    samples/LATEST.json). Returns {what: objects written}."""
     import io
 
     import numpy as np
@@ -181,6 +194,13 @@ def build_history(bucket: str, batches: int, rows: int, model_id: str, seed: int
         n = per_batch[i]
         vec = history_vectors(np.random.default_rng(seed * 100_003 + i), n)
         paths = [f"s3://{bucket}/incoming/{b}/{labels[j % len(labels)]}/{j:05d}.jpg" for j in range(n)]
+        hs = [_h(p) for p in paths]
+        with lock:  # a generous cut, trimmed to the bottom FIT_SAMPLE_ROWS at the end
+            candidates.extend(
+                (h, p, b, labels[j % len(labels)], vec[j])
+                for j, (h, p) in enumerate(zip(hs, paths, strict=True))
+                if h < cut
+            )
         table = pa.table(
             {
                 "path": paths,
@@ -243,9 +263,38 @@ def build_history(bucket: str, batches: int, rows: int, model_id: str, seed: int
         client.put_object(Bucket=bucket, Key=f"ledger/batches/{b}.json", Body=json.dumps(record).encode())
         return 3 + rejected
 
+    lock = threading.Lock()
+    candidates: list[tuple[float, str, str, str, Any]] = []
+    cut = min(1.0, 1.5 * FIT_SAMPLE_ROWS / max(rows, 1))
     with ThreadPoolExecutor(8) as pool:
         written = sum(pool.map(one, range(batches)))
-    return {"batches": batches, "rows": rows, "objects": written}
+    candidates.sort(key=lambda r: (r[0], r[1]))
+    kept = candidates[:FIT_SAMPLE_ROWS]
+    n = len(kept)
+    sample = pa.table(
+        {
+            "batch_id": [r[2] for r in kept],
+            "path": [r[1] for r in kept],
+            "label": [r[3] for r in kept],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                np.stack([r[4] for r in kept]).reshape(-1), DIM
+            ).cast(pa.list_(pa.float32())),
+            "stratum": ["all"] * n,
+            "h": [r[0] for r in kept],
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(sample, buf)
+    client.put_object(Bucket=bucket, Key="samples/fit/run=history/part-00000.parquet", Body=buf.getvalue())
+    state = {
+        "base": [f"s3://{bucket}/samples/fit/run=history"],
+        "deltas": [],
+        "threshold": {"all": kept[-1][0] if n >= FIT_SAMPLE_ROWS else None},
+        "size": FIT_SAMPLE_ROWS,
+        "rows": n,
+    }
+    client.put_object(Bucket=bucket, Key="samples/LATEST.json", Body=json.dumps({"fit": state}).encode())
+    return {"batches": batches, "rows": rows, "objects": written + 2, "fit_sample_rows": n}
 
 
 # --- measuring runs ----------------------------------------------------------------------------------
