@@ -530,7 +530,8 @@ def main() -> None:
         elif dockerd is None:
             summary["dockerd"] = "was running, left running"
     left = summary.get("left_behind", {})
-    assert not any(left.values()), f"left behind: {left}"
+    if any(left.values()):
+        raise SystemExit(f"compose down left these behind: {left}")
     summary["total_s"] = round(time.monotonic() - t_start, 1)
     summary["load_after"] = os.getloadavg()[0]
     print()
@@ -547,11 +548,9 @@ def main() -> None:
     print(f"  DAG run {run_id}: {summary['dag_run']} in {summary['dag_run_s']} s")
     for k in ("ledger", "embeddings", "features", "report"):
         print(f"  {k}: {summary['outputs'][k]}")
-    print(
-        "  left behind: no container, network or volume of project "
-        + PROJECT
-        + f"; dockerd {summary['dockerd']}"
-    )
+    kept = f"kept running (--keep); `docker compose -p {PROJECT} down -v` ends it"
+    gone = f"nothing: no container, network or volume of project {PROJECT}"
+    print(f"  left behind: {kept if args.keep else gone}; dockerd {summary['dockerd']}")
     print(
         f"  total {summary['total_s']} s; load average {summary['load_before']:.2f} before, {summary['load_after']:.2f} after"
     )
