@@ -364,6 +364,9 @@ def wait_api(api: Api, timeout: float) -> None:
                 raise SystemExit(
                     f"DAG {DAG_ID} not found ({exc.code}); import errors: {json.dumps(errors)}"
                 ) from exc
+        except (TimeoutError, ConnectionError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise
         time.sleep(3)
 
 
@@ -375,9 +378,16 @@ def run_dag(api: Api, batch: str, timeout: float) -> tuple[str, str, list[dict[s
     run_id = run_["dag_run_id"]
     say(f"triggered {DAG_ID} run {run_id} on batch {batch!r}")
     deadline, state, seen = time.monotonic() + timeout, "", ""
+    tis: dict[str, Any] = {"task_instances": []}
     while time.monotonic() < deadline:
-        state = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
-        tis = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100")
+        try:
+            state = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
+            tis = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100")
+        except (TimeoutError, ConnectionError, urllib.error.URLError) as exc:
+            # The Spark job shares the CPU with the API server: on a busy machine a poll can time out.
+            say(f"   (API server slow to answer: {exc}; polling again)")
+            time.sleep(5)
+            continue
         done = sorted(t["task_id"] for t in tis["task_instances"] if t["state"] in ("success", "skipped"))
         line = f"{state}: {len(done)}/{tis['total_entries']} tasks done"
         if line != seen:
@@ -468,6 +478,7 @@ def main() -> None:
         say(f"{summary['compose']}, Docker engine {summary['docker']}")
         summary["build_base_s"] = round(build_base(), 1)
         summary["build_standins_s"] = round(build_standins(build_log), 1)
+        say(f"   base image {summary['build_base_s']} s, stand-ins {summary['build_standins_s']} s")
         stack = Stack(compose, ports)
         say(
             f"building {IMAGES['FRUITS_IMAGE']} with docker/Dockerfile FROM {IMAGES['AIRFLOW_IMAGE']} (compose build)"
@@ -477,6 +488,7 @@ def main() -> None:
             if stack.compose("build", stdout=f, stderr=subprocess.STDOUT, check=False).returncode:
                 raise SystemExit(f"compose build failed; see {build_log}")
         summary["build_project_s"] = round(time.monotonic() - t0, 1)
+        say(f"   project image {summary['build_project_s']} s (load average {os.getloadavg()[0]:.1f})")
         say(f"starting the stack (project {PROJECT}; Airflow on :{args.airflow_port}, S3 on :{args.s3_port})")
         t0 = time.monotonic()
         with open(CACHE / "up.log", "w") as f:
