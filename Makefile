@@ -37,7 +37,7 @@ help:
 	@echo "make bench [BENCH_ARGS=--curve]   embed job vs the model's own speed, PCA refit, no-op run (JSON last)"
 	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
 	@echo "make down                 stop everything make up started"
-	@echo "make compose-check        build the docker-compose stack (local stand-in images), run the DAG in it, tear down (~15 min)"
+	@echo "make compose-check        build the docker-compose stack (local stand-in images), run the DAG in it, tear down (5-30 min)"
 
 $(UV):
 	@echo "==> installing uv $(UV_VERSION) into .tools/"

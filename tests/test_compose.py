@@ -5,7 +5,7 @@ variable interpolation, `${VAR:-default}`, is resolved here the same way); the p
 disk; the environment names are compared with what plugins/fruits/config.py and the DAG actually read;
 the image variables are compared with the ones scripts/compose_check.py points at its stand-ins.
 What this cannot show: that the images build and the containers start. `make compose-check` does that
-(scripts/compose_check.py: builds, starts the stack, runs the DAG, tears down; about 15 minutes).
+(scripts/compose_check.py: builds, starts the stack, runs the DAG, tears down; 5-30 minutes, README).
 """
 
 from __future__ import annotations
