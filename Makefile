@@ -32,7 +32,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 EMR_REQUIREMENTS ?= $(CURDIR)/bootstrap/requirements-emr.txt
 AWS_CHECK_ARGS ?=
 
-.PHONY: help setup venv jars blas demo test test-fast bench stage-weights lint clean s3-start s3-stop up down chromium shellcheck emr-requirements aws-check
+.PHONY: help setup venv jars blas demo test test-fast bench stage-weights lint clean s3-start s3-stop up down chromium shellcheck emr-requirements aws-check compose-check
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
@@ -43,6 +43,7 @@ help:
 	@echo "make bench [BENCH_ARGS=--curve]   embed job vs the model's own speed, PCA refit, no-op run (JSON last)"
 	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
 	@echo "make down                 stop everything make up started"
+	@echo "make compose-check        build the docker-compose stack (local stand-in images), run the DAG in it, tear down (5-30 min)"
 
 $(UV):
 	@echo "==> installing uv $(UV_VERSION) into .tools/"
@@ -123,6 +124,13 @@ up: setup
 
 down:
 	@$(BIN)/python scripts/ui_stack.py down
+
+# docker-compose.yml for real: stand-in images built from Debian packages (no registry here), the project's
+# image from docker/Dockerfile, the stack up, one DAG run through the REST API, outputs checked, all torn
+# down. Installs Docker/debootstrap/Compose if missing. Not part of `make test` (README: docker-compose).
+COMPOSE_CHECK_ARGS ?=
+compose-check: venv
+	@$(BIN)/python scripts/compose_check.py $(COMPOSE_CHECK_ARGS)
 
 # Headless Chromium renders the run report in the tests: Debian's package, installed once.
 chromium:

@@ -1,9 +1,11 @@
-"""docker-compose.yml, checked without a container engine (these machines cannot run Docker).
+"""docker-compose.yml, checked statically (fast, in `make test`); `make compose-check` runs it for real.
 
 Real parts: the repo's docker-compose.yml and docker/Dockerfile, parsed with PyYAML (compose's own
 variable interpolation, `${VAR:-default}`, is resolved here the same way); the paths are checked on
-disk; the environment names are compared with what plugins/fruits/config.py and the DAG actually read.
-What this cannot show: that the images build and the containers start. The README says how to try it.
+disk; the environment names are compared with what plugins/fruits/config.py and the DAG actually read;
+the image variables are compared with the ones scripts/compose_check.py points at its stand-ins.
+What this cannot show: that the images build and the containers start. `make compose-check` does that
+(scripts/compose_check.py: builds, starts the stack, runs the DAG, tears down; 5-30 minutes, README).
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def test_mounted_paths_exist(compose):
         targets = {v.split(":")[1] for v in compose["services"][name]["volumes"]}
         assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/spark_jobs"} <= targets
     seeds = {v.split(":")[1] for v in compose["services"]["minio-init"]["volumes"]}
-    assert seeds == {"/seed/models", "/seed/sample"}
-    assert mounts >= 5 * 3 + 2
+    assert seeds == {"/opt/fruits/seed_s3.py", "/seed/models", "/seed/sample"}
+    assert mounts >= 5 * 3 + 3
 
 
 def test_environment_the_dag_reads(compose):
@@ -180,3 +182,73 @@ def test_environment_the_dag_reads(compose):
     dockerfile = (REPO / "docker/Dockerfile").read_text()
     for path in ("/opt/fruits/bin/python", "/opt/fruits/jars"):
         assert path in dockerfile  # what FRUITS_SPARK_PYTHON / FRUITS_SPARK_JARS_DIR point at is built there
+
+
+IMAGE_VAR = re.compile(r"^\$\{([A-Z_]+):-([^}]+)\}$")
+
+
+def test_every_image_is_a_variable_with_a_pinned_default():
+    """Users get the official images by default; `make compose-check` swaps in its stand-ins through the
+    same variables, so every image (and the Airflow base of the project's image) must be one."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    variables = {}
+    for name, svc in raw["services"].items():
+        m = IMAGE_VAR.match(svc["image"])
+        assert m, f"{name}: image {svc['image']!r} is not ${{VAR:-default}}"
+        variables[m.group(1)] = m.group(2)
+        if "build" in svc:
+            m = IMAGE_VAR.match(svc["build"]["args"]["AIRFLOW_IMAGE"])
+            assert m and m.group(1) == "AIRFLOW_IMAGE", name
+            variables["AIRFLOW_IMAGE"] = m.group(2)
+    assert set(variables) == {"AIRFLOW_IMAGE", "FRUITS_IMAGE", "POSTGRES_IMAGE", "MINIO_IMAGE"}
+    for var, default in variables.items():
+        assert ":" in default and not default.endswith(":latest"), f"{var}: pin the default tag"
+    # The compose default and the Dockerfile's own default are the same official image.
+    dockerfile = (REPO / "docker/Dockerfile").read_text()
+    assert f"ARG AIRFLOW_IMAGE={variables['AIRFLOW_IMAGE']}" in dockerfile
+    assert variables["AIRFLOW_IMAGE"].startswith("apache/airflow:")
+    assert variables["POSTGRES_IMAGE"].startswith("postgres:")
+    assert "minio/minio:" in variables["MINIO_IMAGE"]
+
+    # compose_check.py overrides each of them, and the stand-in names are what compose then runs.
+    check = (REPO / "scripts/compose_check.py").read_text()
+    overridden = set(re.findall(r'^    "([A-Z_]+_IMAGE)": ', check, flags=re.M))
+    assert overridden == set(variables), overridden ^ set(variables)
+    env = {"FRUITS_JWT_SECRET": "x" * 64, **{v: f"standin/{v.lower()}:1" for v in variables}}
+    services = interpolate(raw, env)["services"]
+    assert services["postgres"]["image"] == "standin/postgres_image:1"
+    assert services["minio"]["image"] == "standin/minio_image:1"
+    assert services["airflow-scheduler"]["build"]["args"]["AIRFLOW_IMAGE"] == "standin/airflow_image:1"
+    assert {services[n]["image"] for n in (*AIRFLOW_SERVICES, "spark-master", "spark-worker")} == {
+        "standin/fruits_image:1"
+    }
+
+
+def test_stand_ins_exist_for_every_image_the_check_replaces():
+    check = (REPO / "scripts/compose_check.py").read_text()
+    for dockerfile in re.findall(r'"([a-z0-9]+\.Dockerfile)"', check):
+        text = (REPO / "docker/standins" / dockerfile).read_text()
+        assert text.startswith("#") and "ARG BASE_IMAGE=" in text, dockerfile
+        for src in re.findall(r"^COPY (\S+) \S+$", text, flags=re.M):
+            path = REPO / "docker/standins" / src
+            assert path.is_file() and os.access(path, os.X_OK), (
+                f"{dockerfile}: {src} missing or not executable"
+            )
+    airflow = (REPO / "docker/standins/airflow.Dockerfile").read_text()
+    # What docker/Dockerfile and the compose file rely on in the official image.
+    assert "--uid 50000 --gid 0" in airflow and "AIRFLOW_HOME=/opt/airflow" in airflow
+    entrypoint = (REPO / "docker/standins/airflow-entrypoint.sh").read_text()
+    assert "_AIRFLOW_DB_MIGRATE" in entrypoint and "_AIRFLOW_WWW_USER_CREATE" in entrypoint
+
+
+def test_published_ports_and_health_checks(compose):
+    """Host ports are variables (the check runs beside other stacks); S3 is waited for by its health."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    for name, svc in raw["services"].items():
+        for port in svc.get("ports", []):
+            assert re.match(r"^\$\{[A-Z0-9_]+_PORT:-\d+\}:\d+$", port), f"{name}: {port}"
+    services = compose["services"]
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    for name in ("postgres", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor"):
+        assert services[name]["healthcheck"]["test"], name
