@@ -146,7 +146,7 @@ def fruits_embeddings():
         ctx = get_current_context()
         lease = timedelta(seconds=settings().claim_lease_s)
         claimed = planning.claim_batches(_catalog(), found, ctx["run_id"], lease)
-        if not claimed["batches"]:
+        if found["batches"] and not claimed["batches"]:
             raise AirflowSkipException(f"every batch is claimed by another run ({found['batches']})")
         return claimed
 
@@ -173,6 +173,9 @@ def fruits_embeddings():
 
     @task
     def embed(plan: dict[str, Any]) -> None:
+        if not plan["new_batches"]:  # refit=true with nothing new: the PCA step is the whole run
+            log.info("nothing new to embed")
+            return
         run_local_step("embed", plan["embed_args"], settings(), log)
 
     @task

@@ -212,10 +212,12 @@ def fit_sample(
     wanted = spark.createDataFrame([(b,) for b in fit_batches], "batch_id string")
     if sparkio.exists(spark, state_uri):
         state = json.loads(sparkio.read_text(spark, state_uri))
-        rows = samples.read(spark, state, "stratum")
+    else:  # no embed step in this run (a refit alone): the sample as the last validated run left it
+        state_uri = f"{sample_root(args)}/LATEST.json"
+        state = samples.read_pointer(spark, state_uri).get("fit") or {}
+    rows = samples.read(spark, state, "stratum") if state else None
+    if rows is not None:
         source = {"method": "sample", "state": state_uri, "size": int(state.get("size", 0))}
-    else:
-        state, rows = {}, None
     if rows is None:
         log.warning("no fit sample at %s: sampling the fit batches' embeddings from a full read", state_uri)
         emb = tables.read_partitions(spark, args.embeddings_root, fit_batches)

@@ -261,6 +261,7 @@ def emr_steps(plan: dict[str, Any], staged: dict[str, Any], s: Settings) -> list
             },
         }
         for step in STEPS
+        if step != "embed" or plan["new_batches"]  # a refit with nothing new: the PCA step alone
     ]
 
 

@@ -183,9 +183,11 @@ def find_batches(catalog: Catalog, p: RunParams, run_id: str) -> dict[str, Any] 
     else:
         candidates = [b for b in catalog.batch_ids() if b not in ledger]
     ready = catalog.ready_times(candidates)
-    if not ready:
+    if not ready and not p.refit:
         log.info("batches to process: none")
         return None
+    if not ready:
+        log.info("batches to process: none; refit=true: the run refits the PCA over the processed batches")
     order = sorted(ready, key=lambda b: (ready[b], b))
     files = dict(zip(order, (len(inputs) for inputs, _ in catalog.scan_many(order)), strict=True))
     cap = p.max_images_per_run

@@ -202,9 +202,10 @@ def validate_run(catalog: Catalog, plan: dict[str, Any]) -> dict[str, Any]:
     meta = catalog.pca_metadata(version)
     k = int(meta["k"])
     run_problems = []
-    if embed is None:
+    new = set(catalog.read_json(plan["keys"]["batches.json"])["new"])
+    if embed is None and new:
         run_problems.append(f"no {prefix}embed_validation.json: the embed step did not finish")
-    elif embed.get("model_id") != plan["model_id"]:
+    elif embed is not None and embed.get("model_id") != plan["model_id"]:
         run_problems.append(
             f"the embed step used model {embed.get('model_id')!r}, the plan {plan['model_id']!r}"
         )
@@ -215,7 +216,6 @@ def validate_run(catalog: Catalog, plan: dict[str, Any]) -> dict[str, Any]:
             run_problems.append(f"the pca step wrote version {pca.get('version')!r}, the plan {version!r}")
         if int(pca.get("k", -1)) != k:
             run_problems.append(f"the pca step used k={pca.get('k')}, the model's metadata k={k}")
-    new = set(catalog.read_json(plan["keys"]["batches.json"])["new"])
     embed_b = (embed or {}).get("batches") or {}
     pca_b = (pca or {}).get("batches") or {}
     results: dict[str, dict[str, Any]] = {}
