@@ -32,7 +32,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 EMR_REQUIREMENTS ?= $(CURDIR)/bootstrap/requirements-emr.txt
 AWS_CHECK_ARGS ?=
 
-.PHONY: help setup venv jars blas demo test test-fast bench stage-weights lint clean s3-start s3-stop up down chromium shellcheck emr-requirements aws-check compose-check
+.PHONY: help setup venv jars blas demo test test-fast bench scale stage-weights lint clean s3-start s3-stop up down chromium shellcheck emr-requirements aws-check compose-check
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
@@ -41,6 +41,7 @@ help:
 	@echo "make emr-requirements     export the cluster's pinned set (dependency group emr, with hashes) from uv.lock"
 	@echo "make aws-check            read-only checks of a real AWS account before the first deployment (README)"
 	@echo "make bench [BENCH_ARGS=--curve]   embed job vs the model's own speed, PCA refit, no-op run (JSON last)"
+	@echo "make scale [SCALE_ARGS=...]   S3 requests, XCom bytes, step args, times over a 5,000-batch history (JSON last)"
 	@echo "make up [UI_PORT=8080] [SCHEDULE=on]   Airflow UI + local S3 + local Spark on localhost"
 	@echo "make down                 stop everything make up started"
 	@echo "make compose-check        build the docker-compose stack (local stand-in images), run the DAG in it, tear down (5-30 min)"
@@ -96,6 +97,10 @@ test-fast: venv
 
 bench: setup
 	@$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# What a run costs as the history grows: real DAG runs over a synthetic history of 5,000 batches.
+scale: setup
+	@$(BIN)/python scripts/scale.py $(SCALE_ARGS)
 
 lint: venv shellcheck
 	@$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -22,7 +22,8 @@ its own Airflow home, then:
 S3 requests are counted by the server, by operation, for each whole run (Spark's requests included).
 XCom sizes are read from the Airflow metadata database after each run. Step argument sizes are the
 EMR steps (`fruits.emr.emr_steps`) built from each run's plan, as compute=emr would submit them.
-Human-readable figures first; the last line is one JSON object.
+Human-readable figures first (the DAG runs' own logs go to .cache/scale/dag-runs.log); the last line is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +313,8 @@ def run_dag(conf: dict[str, Any] | None = None) -> dict[str, Any]:
     endpoint = devstack.s3_endpoint()
     read_counts(endpoint, reset=True)
     t0 = time.monotonic()
-    dagrun = dag.test(run_conf=conf or {})
+    with open(HOME / "dag-runs.log", "a") as out, redirect_stdout(out), redirect_stderr(out):
+        dagrun = dag.test(run_conf=conf or {})  # task logs to the file: the figures stay readable
     seconds = time.monotonic() - t0
     requests = read_counts(endpoint)["s3"]
     with create_session() as session:
@@ -393,40 +396,20 @@ def files_per_partition(bucket: str, prefix: str) -> dict[str, int]:
 
 
 # --- the validate task's memory ----------------------------------------------------------------------
-VALIDATE_CHILD = """
-import json, resource, sys
-sys.path[:0] = {paths!r}
-from fruits.catalog import Catalog
-from fruits.layout import Layout
-from fruits import validate
-from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-plan = json.loads(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-result = validate.validate_run(Catalog(S3Hook(aws_conn_id="aws_default"), Layout(plan["bucket"])), plan)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"before_mb": before / 1024, "peak_mb": after / 1024, "result": result}}, default=str))
-"""
-
-
 def validate_rss(bucket: str, rows: int) -> dict[str, Any]:
-    """Peak RSS of the Airflow-side validation of one batch of `rows` rows (synthetic outputs: the
-    embeddings and features Parquet files as the steps write them, 20,000 rows a file, and the steps'
-    validation files), in a child process that imports what the task imports."""
-    import builtins
+    """Peak RSS (VmHWM) of the Airflow-side validation of one batch of `rows` rows, in a child process that
+    imports what the task imports: the outputs as the steps write them (Parquet files of 20,000 rows, and
+    the steps' validation files), made by scripts/validate_rss.py's write_run."""
+    import validate_rss as vr
 
-    make_outputs = getattr(builtins, "__scale_make_outputs__", None) or synthetic_run_outputs
-    plan = make_outputs(bucket, rows)
-    child = VALIDATE_CHILD.format(paths=[str(REPO / "plugins"), str(REPO / "spark_jobs")])
+    plan = vr.write_run(hook().get_conn(), bucket, "runs/validate-rss/", {"validate-rss": rows}, k=191)
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'plugins'}:{REPO / 'spark_jobs'}"}
     proc = subprocess.run(
-        [sys.executable, "-c", child, json.dumps(plan)], capture_output=True, text=True, env=os.environ
+        [sys.executable, "-c", vr.MEASURE, json.dumps(plan), bucket], capture_output=True, text=True, env=env
     )
     if proc.returncode:
         raise RuntimeError(f"validate child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def synthetic_run_outputs(bucket: str, rows: int) -> dict[str, Any]:
-    raise NotImplementedError("filled in once the step validation files are merged")
 
 
 def main() -> int:
@@ -541,8 +524,9 @@ def main() -> int:
 
         if "validate" not in skip:
             rss = validate_rss("scale-history", args.validate_rows)
-            figures["validate_peak_rss_mb"] = round(rss["peak_mb"], 1)
-            figures["validate_import_rss_mb"] = round(rss["before_mb"], 1)
+            figures["validate_peak_rss_mb"] = rss["peak_rss_mb"]
+            figures["validate_rss_before_mb"] = rss["rss_before_validate_mb"]
+            say(f"validate on a {args.validate_rows:,}-row batch: {rss['peak_rss_mb']} MB peak RSS")
     finally:
         server.terminate()
         server.wait(10)
