@@ -211,7 +211,7 @@ def fit_sample(
     state_uri = args.fit_sample or f"{folder}sample_fit.json"
     wanted = spark.createDataFrame([(b,) for b in fit_batches], "batch_id string")
     if sparkio.exists(spark, state_uri):
-        state = json.loads(sparkio.read_text(spark, state_uri))
+        state = samples.same_scheme(json.loads(sparkio.read_text(spark, state_uri)), args.embeddings_root)
         rows = samples.read(spark, state, "stratum")
         source = {"method": "sample", "state": state_uri, "size": int(state.get("size", 0))}
     else:
@@ -392,7 +392,9 @@ def main(argv: list[str]) -> int:
             spark, args.validation_out, {"step": "pca", "version": args.version, "k": k, "batches": checks}
         )
         root = sample_root(args)
-        pointer = samples.read_pointer(spark, f"{root}/LATEST.json").get("report") or {}
+        pointer = samples.same_scheme(
+            samples.read_pointer(spark, f"{root}/LATEST.json").get("report") or {}, root
+        )
         part = pointer if pointer.get("version") == args.version and not args.fit else None
         state = dict(part or {})
         if offered is not None:
