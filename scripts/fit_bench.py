@@ -33,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--sample-only", action="store_true", help="skip the full-read refit")
     args = ap.parse_args()
     bench._configure_env()
     import devstack
@@ -114,7 +115,8 @@ def main() -> int:
             "size": SAMPLE_ROWS,
             "rows": rows,
         }
-        for name, with_sample in (("sample", True), ("full_read", False)):
+        runs = (("sample", True),) if args.sample_only else (("sample", True), ("full_read", False))
+        for name, with_sample in runs:
             run = f"runs/fit-bench-{name}/"
             # the sample's run transforms one batch; the full read's run re-transforms them all (the rate)
             transform = batches[:1] if with_sample else batches

@@ -279,7 +279,7 @@ def update_fit_sample(spark: SparkSession, args: argparse.Namespace, batches: li
     root = (args.sample_root or sibling(args.embeddings_out, "samples")).rstrip("/")
     folder, run = run_folder(args.validation_out)
     pointer = samples.read_pointer(spark, f"{root}/LATEST.json")
-    part = pointer.get("fit")
+    part = samples.same_scheme(pointer["fit"], root) if pointer.get("fit") else None
     if part:
         offered = tables.read_partitions(spark, args.embeddings_out, batches)
     elif sparkio.exists(spark, args.embeddings_out):

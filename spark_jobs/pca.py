@@ -215,6 +215,7 @@ def fit_sample(
     else:  # no embed step in this run (a refit alone): the sample as the last validated run left it
         state_uri = f"{sample_root(args)}/LATEST.json"
         state = samples.read_pointer(spark, state_uri).get("fit") or {}
+    state = samples.same_scheme(state, args.embeddings_root) if state else {}
     rows = samples.read(spark, state, "stratum") if state else None
     if rows is not None:
         source = {"method": "sample", "state": state_uri, "size": int(state.get("size", 0))}
@@ -394,7 +395,9 @@ def main(argv: list[str]) -> int:
             spark, args.validation_out, {"step": "pca", "version": args.version, "k": k, "batches": checks}
         )
         root = sample_root(args)
-        pointer = samples.read_pointer(spark, f"{root}/LATEST.json").get("report") or {}
+        pointer = samples.same_scheme(
+            samples.read_pointer(spark, f"{root}/LATEST.json").get("report") or {}, root
+        )
         part = pointer if pointer.get("version") == args.version and not args.fit else None
         state = dict(part or {})
         if offered is not None:

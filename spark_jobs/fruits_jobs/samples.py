@@ -41,6 +41,21 @@ def read_pointer(spark: SparkSession, uri: str) -> dict[str, Any]:
     return json.loads(sparkio.read_text(spark, uri))
 
 
+def same_scheme(state: dict[str, Any], like: str) -> dict[str, Any]:
+    """The state's folders with the scheme of `like` (s3:// on EMR, s3a:// for a local Spark), so a
+    sample written by one runs on the other."""
+    scheme = like.split("://", 1)[0] + "://"
+
+    def fix(uri: str) -> str:
+        return scheme + uri.split("://", 1)[1] if "://" in uri else uri
+
+    out = dict(state)
+    for key in ("base", "deltas"):
+        if out.get(key):
+            out[key] = [fix(u) for u in out[key]]
+    return out
+
+
 def with_hash(frame: DataFrame) -> DataFrame:
     return frame if "h" in frame.columns else frame.withColumn("h", path_hash())
 
@@ -72,14 +87,30 @@ def _bottom(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
 
 
 def read(spark: SparkSession, part: dict[str, Any] | None, stratum_col: str) -> DataFrame | None:
-    """The sample's rows (at most size per stratum); None when it is empty."""
+    """The sample's rows (at most size per stratum); None when it is empty. The dedup and the ranking
+    run on the narrow (path, stratum, h, generation) columns; only the kept rows' vectors are read."""
     stored = _stored(spark, part)
     if not stored:
         return None
     frame = stored[0]
     for other in stored[1:]:
         frame = frame.unionByName(other, allowMissingColumns=True)
-    return _bottom(frame, int(part["size"]), stratum_col)  # type: ignore[index]
+    if len(stored) == 1:  # a base alone is a bottom-N already, each path once
+        return frame.drop("_gen")
+    narrow = _bottom_with_gen(frame.select("path", stratum_col, "h", "_gen"), int(part["size"]), stratum_col)  # type: ignore[index]
+    return frame.join(F.broadcast(narrow), ["path", "_gen"]).drop("_gen")
+
+
+def _bottom_with_gen(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
+    newest = Window.partitionBy("path").orderBy(F.col("_gen").desc())
+    first = Window.partitionBy(stratum_col).orderBy("h", "path")
+    return (
+        frame.withColumn("_n", F.row_number().over(newest))
+        .where("_n = 1")
+        .withColumn("_r", F.row_number().over(first))
+        .where(F.col("_r") <= size)
+        .select("path", "_gen")
+    )
 
 
 def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
