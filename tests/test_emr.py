@@ -555,3 +555,27 @@ def test_compute_local_on_aws_needs_and_gets_its_own_policy(
     assert str(dagrun.state).endswith("success"), states
     record = read_json(f"ledger/batches/{batch}.json")
     assert (record["files"], record["embedded"]) == (2, 2)
+
+
+def test_report_says_which_prices_are_unverified() -> None:
+    """Finding 10: prices carry their source and date, and the page labels the unverified ones."""
+    from fruits.config import INSTANCE_TYPES
+    from fruits.report import _cost_section
+
+    assert all(p.source and p.as_of and not p.verified for p in INSTANCE_TYPES.values())
+    assert INSTANCE_TYPES["c5.2xlarge"].emr_usd_per_hour != INSTANCE_TYPES["m5.2xlarge"].emr_usd_per_hour
+    price = INSTANCE_TYPES["m5.xlarge"]
+    cost = {
+        "cluster_id": "j-TEST",
+        "cluster_hours": 0.25,
+        "instance_hours": {"m5.xlarge": 0.75},
+        "estimated_cost_usd": 0.2,
+        "final": True,
+        "unpriced_instance_types": [],
+        "price_table": {"m5.xlarge": {"source": price.source, "as_of": price.as_of, "verified": False}},
+        "unverified_prices": ["m5.xlarge"],
+        "prices": "list prices (UNVERIFIED for m5.xlarge)",
+    }
+    page = _cost_section({"emr": cost})
+    assert "id='cost-unverified'" in page and "m5.xlarge" in page and price.as_of in page
+    assert "id='cost-unverified'" not in _cost_section({"emr": {**cost, "unverified_prices": []}})
