@@ -419,3 +419,40 @@ def test_backlog_is_split_over_two_runs_oldest_first(airflow_db, s3_server):
     run2 = f"runs/{safe_run_id(second.run_id)}/"
     assert "deferred" not in read_json(f"{run2}summary.json")
     assert not list_keys("ledger/claims/")
+
+
+def test_a_damaged_old_record_is_refused_when_a_run_rewrites_it(airflow_db, s3_server):
+    """A normal run reads only the newest records; a refit reads every one and refuses a damaged one,
+    with the same way out, before any file of the run is written."""
+    from datetime import timedelta
+
+    from conftest import s3_hook
+    from fruits import plan as planning
+    from fruits.catalog import Catalog, CatalogError
+    from fruits.config import settings
+    from fruits.layout import Layout
+
+    fresh_bucket()
+    ids = seed_history(3)
+    s3 = client()
+    s3.put_object(Bucket=BUCKET, Key=f"ledger/batches/{ids[0]}.json", Body=b'{"files": 40, "embedded": 4')
+    time.sleep(1.1)  # S3 times have a 1 s resolution: the damaged record must be the oldest
+    for b in ids[1:]:
+        key = f"ledger/batches/{b}.json"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    (new,) = new_batches(1, photos=2, prefix="after-the-damage")
+    s = settings()
+    catalog = Catalog(s3_hook(), Layout(BUCKET))
+
+    normal = planning.parse_params({}, s)
+    planning.preflight(catalog, normal)  # the two newest records are sound: a normal run goes on
+    assert planning.find_batches(catalog, normal, "manual__normal")["batches"] == 1
+
+    refit = planning.parse_params({"refit": True, "engine": "tf"}, s)
+    planning.preflight(catalog, refit)
+    found = planning.find_batches(catalog, refit, "manual__refit")
+    claimed = planning.claim_batches(catalog, found, "manual__refit", timedelta(hours=1))
+    with pytest.raises(CatalogError, match=rf"ledger/batches/{ids[0]}.json is not valid JSON.*Restore it"):
+        planning.build_plan(catalog, refit, [new], "manual__refit", s)
+    assert not list_keys("runs/manual__refit/pca_batches.json")
+    planning.release_claims(catalog, claimed, "manual__refit")
