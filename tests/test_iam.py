@@ -49,8 +49,14 @@ def _keys():
         "feature part": lay.partition(lay.features_prefix(v), "b1") + "part-0.parquet",
         "pca model": lay.pca_model_prefix(v) + "spark_model/metadata/part-00000",
         "pca metadata": lay.pca_model_prefix(v) + "metadata.json",
+        # the samples (spark_jobs/fruits_jobs/samples.py): a refit's fit and the run report read them
+        "fit sample delta": "samples/fit/run=R/part-0.parquet",
+        "report sample delta": f"samples/report/pca_version={v}/run=R/part-0.parquet",
     }
-    run_files = {n: RUN + n for n in ("inputs.jsonl", "embed.json", "pca.json", "pca_batches.json")}
+    step_files = ("embed_validation.json", "pca_validation.json", "sample_fit.json", "sample_report.json")
+    run_files = {
+        n: RUN + n for n in ("inputs.jsonl", "embed.json", "pca.json", "pca_batches.json", *step_files)
+    }
     return lay, settings(), step_outputs, run_files
 
 
@@ -63,7 +69,8 @@ def test_the_instance_role_reads_and_writes_what_the_steps_do() -> None:
     for key in (lay.staged_key("jobs", "a" * 12, "embed.py"), lay.batch_prefix("b1") + "Apple/1.jpg"):
         assert decide(INSTANCE, "s3:GetObject", obj(key)) == "allow", key
     # what only Airflow writes, after validation, and the inputs: explicitly denied to the cluster
-    for key in (lay.pca_current, lay.ledger_key("b1"), lay.claim_key("b1"), lay.batch_prefix("b1") + "x.jpg"):
+    only_airflow = (lay.pca_current, lay.ledger_key("b1"), lay.claim_key("b1"), "samples/LATEST.json")
+    for key in (*only_airflow, lay.batch_prefix("b1") + "x.jpg"):
         assert decide(INSTANCE, "s3:PutObject", obj(key)) == "deny", key
     assert decide(INSTANCE, "s3:PutObject", obj(lay.report_key("r"))) == "implicit-deny"
     # listing only where pipeline data lives
@@ -100,6 +107,8 @@ def test_airflow_writes_bookkeeping_but_never_step_outputs_or_inputs() -> None:
         lay.onnx_model_key("c" * 64),
         RUN + "summary.json",
         RUN + "inputs.jsonl",
+        RUN + "validation.json",
+        "samples/LATEST.json",  # moved by the validate task, after the run's checks passed
     ):
         assert decide(AIRFLOW, "s3:PutObject", obj(key)) == "allow", key
     for key in outputs.values():
