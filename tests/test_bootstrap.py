@@ -22,6 +22,8 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+pytestmark = pytest.mark.fast  # no Spark, no DAG run (`make test-fast`)
+
 REQUIREMENTS = REPO / "bootstrap" / "requirements-emr.txt"
 SCRIPT = REPO / "bootstrap" / "install_python_deps.sh"
 # An EMR 7.x node: Amazon Linux 2023, x86_64, the Python 3.11 the bootstrap builds the venv with.

@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import BUCKET, s3_hook
 
+pytestmark = pytest.mark.fast  # no Spark, no DAG run (`make test-fast`)
+
 WRITERS = 8
 ROUNDS = 25
 LEASE = timedelta(hours=1)

@@ -16,6 +16,8 @@ import pytest
 from iam_eval import IAM_DIR, decide, fill
 
 BUCKET, ACCOUNT, REGION = "fruits-test", "123456789012", "eu-west-3"
+pytestmark = pytest.mark.fast  # no Spark, no DAG run (`make test-fast`)
+
 RUN = "runs/manual__2026-12-02T07_00_00_00_00/"
 FRUITS_CLUSTER = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT}:cluster/j-FRUITS"
 FOREIGN_CLUSTER = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT}:cluster/j-OTHER"

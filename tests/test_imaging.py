@@ -8,6 +8,8 @@ import pytest
 from fruits_jobs import imaging
 from hostile import hostile_files
 
+pytestmark = pytest.mark.fast  # no Spark, no DAG run (`make test-fast`)
+
 CASES = hostile_files()
 
 

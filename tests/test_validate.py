@@ -23,6 +23,8 @@ from fruits.layout import Layout
 from fruits.validate import ValidationFailed, validate_run
 from validate_rss import MODEL_ID, VERSION, put_json, put_parquet, write_run
 
+pytestmark = pytest.mark.fast  # no Spark, no DAG run (`make test-fast`)
+
 RUN = "runs/manual__t/"
 B1, B2 = "b1", "b2-test"
 
