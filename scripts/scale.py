@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,9 @@ def run_dag(conf: dict[str, Any] | None = None) -> dict[str, Any]:
     endpoint = devstack.s3_endpoint()
     read_counts(endpoint, reset=True)
     t0 = time.monotonic()
-    with open(HOME / "dag-runs.log", "a") as out, redirect_stdout(out), redirect_stderr(out):
-        dagrun = dag.test(run_conf=conf or {})  # task logs to the file: the figures stay readable
+    # Task logs to one file, open for the whole bench (Airflow's logger keeps the stream it first saw).
+    with redirect_stdout(_dag_log()), redirect_stderr(_dag_log()):
+        dagrun = dag.test(run_conf=conf or {})
     seconds = time.monotonic() - t0
     requests = read_counts(endpoint)["s3"]
     with create_session() as session:
@@ -348,6 +350,11 @@ def run_dag(conf: dict[str, Any] | None = None) -> dict[str, Any]:
         "xcom_bytes": sizes,
         "xcom_values": values,
     }
+
+
+@cache
+def _dag_log():
+    return open(HOME / "dag-runs.log", "a", buffering=1)  # noqa: SIM115  (closed at exit)
 
 
 def _plan_of(run: dict[str, Any]) -> dict[str, Any] | None:
