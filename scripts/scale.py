@@ -10,12 +10,14 @@ its own Airflow home, then:
    to the other buckets, so that no measured run pays for the export);
 2. empty bucket: a whole DAG run (dag.test) on one new batch of --new-photos real Fruits-360 photos;
 3. history: --history-batches processed batches written straight into the bucket (ledger records,
-   _READY markers, embeddings and rejects partitions, --history-rows random float32 vectors in all),
-   then a refit run (refit=true) over all of them plus a small seed batch: the PCA version every later
-   run uses, and `refit_fit_s`, the fit alone (the step's own `fit_seconds`);
+   _READY markers, embeddings and rejects partitions, --history-rows random float32 vectors in all, and
+   the fit sample the embed steps would have kept), then a refit over all of them: its planning tasks
+   (XCom, EMR steps) and its PCA step's fit for real (`refit_fit_s`, the step's own `fit_seconds`),
+   whose model every later run uses;
 4. a no-op run (nothing new) with that history behind it;
 5. the same --new-photos batch as in 2, with the history behind it;
-6. --small-batches new batches of one photo each, in one run;
+6. --small-batches new batches of one photo each: the planning tasks of a run taking them all (XCom,
+   EMR steps), and a real run of --small-run-batches of them (files per batch partition);
 7. the Airflow-side validate task on a --validate-rows batch (synthetic outputs), in a child process,
    for its peak RSS.
 
@@ -405,6 +407,85 @@ def files_per_partition(bucket: str, prefix: str) -> dict[str, int]:
     return counts
 
 
+def plan_only(bucket: str, run_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """A run's planning tasks as the DAG calls them, with compute=emr: every XCom value they return and
+    the EMR steps built from the plan (not submitted). The claims are released afterwards."""
+    from datetime import timedelta
+
+    from fruits import plan as planning
+    from fruits.catalog import Catalog
+    from fruits.config import settings
+    from fruits.layout import Layout
+
+    s = settings()
+    catalog = Catalog(hook(), Layout(bucket))
+    params = planning.parse_params({"compute": "emr", **conf}, s)
+    planning.preflight(catalog, params)
+    found = planning.find_batches(catalog, params, run_id)
+    assert found is not None, "nothing to plan"
+    claimed = planning.claim_batches(catalog, found, run_id, timedelta(hours=1))
+    try:
+        batches = planning.claimed_batches(catalog, claimed)
+        plan = planning.build_plan(catalog, params, batches, run_id, s, found=found)
+    finally:
+        planning.release_claims(catalog, claimed, run_id)
+    values = {"find_new_batches": found, "claim_batches": claimed, "plan_run": plan}
+    return {
+        "plan": plan,
+        "batches": len(batches),
+        "xcom_bytes": {k: len(json.dumps(v)) for k, v in values.items()},
+        "step_arg_chars": step_arg_chars(plan),
+    }
+
+
+def refit_over_history(bucket: str) -> dict[str, Any]:
+    """A refit over every processed batch: its planning tasks (XCom values, EMR steps) as plan_only, then
+    its PCA step for real on the local Spark (spark-submit, as the DAG's pca task runs it), fitting from
+    the history's fit sample and transforming one batch. The re-transform of every batch is Spark work
+    that grows with the history by design; it is measured on a smaller history (docs/scale.md). The new
+    version becomes CURRENT.json, as commit would make it, for the runs that follow."""
+    import logging
+    from datetime import UTC, datetime
+
+    from fruits.catalog import Catalog
+    from fruits.config import settings
+    from fruits.layout import Layout
+    from fruits.local_compute import run_local_step
+
+    s = settings()
+    catalog = Catalog(hook(), Layout(bucket))
+    planned = plan_only(bucket, "manual__scale-refit", {"refit": True})
+    plan = planned["plan"]
+    keys = plan["keys"]
+    batches = catalog.read_run_file(keys["pca_batches.json"])
+    catalog.write_run_file(keys["pca_batches.json"], {"fit": batches["fit"], "transform": batches["fit"][:1]})
+    log = logging.getLogger("scale.refit")
+    log.addHandler(logging.StreamHandler(_dag_log()))
+    t0 = time.monotonic()
+    run_local_step("pca", plan["pca_args"], s, log)
+    step_s = time.monotonic() - t0
+    metrics = catalog.read_run_file(catalog.layout.run_file(plan["run_id"], "pca.json"))
+    meta = catalog.pca_metadata(plan["pca"]["version"])
+    catalog.write_json(
+        catalog.layout.pca_current,
+        {
+            "version": meta["version"],
+            "k": meta["k"],
+            "set_at": datetime.now(UTC).isoformat(),
+            "run_id": "scale",
+        },
+    )
+    return {
+        "planned": planned,
+        "refit_batches": len(batches["fit"]),
+        "refit_fit_s": metrics.get("fit_seconds"),
+        "refit_fit_rows": meta.get("fit_rows"),
+        "refit_fit_sample": meta.get("fit_sample"),
+        "refit_pca_step_s": round(step_s, 1),
+        "refit_k": meta.get("k"),
+    }
+
+
 # --- the validate task's memory ----------------------------------------------------------------------
 def validate_rss(bucket: str, rows: int) -> dict[str, Any]:
     """Peak RSS (VmHWM) of the Airflow-side validation of one batch of `rows` rows, in a child process that
@@ -427,7 +508,8 @@ def main() -> int:
     ap.add_argument("--history-batches", type=int, default=5000)
     ap.add_argument("--history-rows", type=int, default=200_000)
     ap.add_argument("--new-photos", type=int, default=200)
-    ap.add_argument("--small-batches", type=int, default=1000)
+    ap.add_argument("--small-batches", type=int, default=1000, help="new batches planned in one run")
+    ap.add_argument("--small-run-batches", type=int, default=100, help="of them, run for real in one run")
     ap.add_argument("--validate-rows", type=int, default=100_000)
     ap.add_argument("--skip", default="", help="comma list of: empty,refit,noop,new,small,validate")
     args = ap.parse_args()
@@ -438,6 +520,9 @@ def main() -> int:
     server = start_s3(endpoint)
     figures: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "load_1min_start": os.getloadavg()[0]}
     runs: dict[str, dict[str, Any]] = {}
+    planned: dict[str, dict[str, Any]] = {}
+    # compute=emr plans need a subnet (plan.parse_params); they are built here, never launched
+    os.environ.setdefault("FRUITS_EMR_SUBNET_ID", "subnet-0123456789abcdef0")
     try:
         subprocess.run(
             [str(Path(sys.executable).parent / "airflow"), "db", "reset", "-y"],
@@ -467,23 +552,19 @@ def main() -> int:
 
         use_bucket("scale-history")
         new_bucket("scale-history", artifacts_from="scale-warmup")
-        from fruits.catalog import Catalog, sha256_stream
-        from fruits.layout import Layout
+        from fruits.catalog import sha256_stream
 
         with open(WEIGHTS, "rb") as f:
             model_id = planning.model_id_for(sha256_stream(f))
         t0 = time.monotonic()
         built = build_history("scale-history", args.history_batches, args.history_rows, model_id)
         say(f"history: {built} in {time.monotonic() - t0:.0f} s")
-        upload_batches("scale-history", {"refit-seed": photos(12, offset=args.new_photos + 24)})
-        runs["refit"] = run_dag({"refit": True})
-        describe(f"refit over {args.history_batches} batches + 1 seed batch", runs["refit"])
-        catalog = Catalog(hook(), Layout("scale-history"))
-        refit_plan = _plan_of(runs["refit"]) or {}
-        pca_metrics = catalog.read_json(f"{refit_plan.get('run_prefix', '')}pca.json") or {}
-        figures["refit_fit_s"] = pca_metrics.get("fit_seconds")
-        figures["refit_fit_rows"] = pca_metrics.get("fit_rows")
-        figures["refit_step_s"] = pca_metrics.get("seconds")
+        refit = refit_over_history("scale-history")
+        planned["refit"] = refit["planned"]
+        figures.update({k: v for k, v in refit.items() if k != "planned"})
+        say(
+            f"refit over {args.history_batches} batches: fit {refit['refit_fit_s']} s on {refit['refit_fit_rows']} rows"
+        )
 
         if "noop" not in skip:
             runs["noop"] = run_dag()
@@ -510,25 +591,35 @@ def main() -> int:
                 }
 
         if "small" not in skip:
+            # The planning tasks of a run that takes --small-batches new batches at once (XCom values and
+            # the EMR steps, built and not submitted), then a real run of --small-run-batches of them.
             small = {f"small-{i:04d}": photos(1, offset=i) for i in range(args.small_batches)}
             upload_batches("scale-history", small)
-            runs["small"] = run_dag()
-            describe(f"{args.small_batches} new batches of 1 photo in one run", runs["small"])
+            planned["small"] = plan_only(
+                "scale-history", "manual__scale-plan-small", {"max_images_per_run": 0}
+            )
+            # the real run takes the oldest --small-run-batches (all _READY at about the same time)
+            cap = {"max_images_per_run": args.small_run_batches}
+            runs["small"] = run_dag(cap)
+            describe(
+                f"{args.small_run_batches} of the {args.small_batches} new batches in one run", runs["small"]
+            )
             per_part = files_per_partition("scale-history", "embeddings/")
             small_parts = {k: v for k, v in per_part.items() if k.startswith("batch_id=small-")}
             figures["files_per_batch"] = max(small_parts.values(), default=None)
             figures["small_batch_partitions"] = len(small_parts)
 
-        measured = {k: v for k, v in runs.items() if k in ("empty", "refit", "new", "small")}
-        figures["max_xcom_bytes"] = max(
-            (size for r in measured.values() for size in r["xcom_bytes"].values()), default=None
-        )
-        figures["xcom_by_run"] = {k: max(r["xcom_bytes"].values(), default=0) for k, r in measured.items()}
+        measured = {k: v for k, v in runs.items() if k in ("empty", "new", "small")}
+        xcom_by_run = {k: max(r["xcom_bytes"].values(), default=0) for k, r in measured.items()}
+        xcom_by_run |= {f"{k} (planning tasks)": max(v["xcom_bytes"].values()) for k, v in planned.items()}
+        figures["max_xcom_bytes"] = max(xcom_by_run.values(), default=None)
+        figures["xcom_by_run"] = xcom_by_run
         arg_chars = {}
         for name, r in measured.items():
             plan = _plan_of(r)
             if plan:
                 arg_chars[name] = step_arg_chars(plan)
+        arg_chars |= {f"{k} (planning tasks)": v["step_arg_chars"] for k, v in planned.items()}
         figures["step_arg_chars"] = arg_chars
         figures["max_step_arg_chars"] = max((c for v in arg_chars.values() for c in v.values()), default=None)
 
