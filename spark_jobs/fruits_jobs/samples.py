@@ -73,8 +73,8 @@ def _stored(spark: SparkSession, part: dict[str, Any] | None) -> list[DataFrame]
     return [spark.read.parquet(f).withColumn("_gen", F.lit(i)) for i, f in enumerate(folders)]
 
 
-def _bottom(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
-    """Newest copy of each path, then the `size` smallest (h, path) per stratum."""
+def _ranked(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
+    """Newest copy of each path, then the `size` smallest (h, path) per stratum (with helper columns)."""
     newest = Window.partitionBy("path").orderBy(F.col("_gen").desc())
     first = Window.partitionBy(stratum_col).orderBy("h", "path")
     return (
@@ -82,8 +82,11 @@ def _bottom(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
         .where("_n = 1")
         .withColumn("_r", F.row_number().over(first))
         .where(F.col("_r") <= size)
-        .drop("_n", "_r", "_gen")
     )
+
+
+def _bottom(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
+    return _ranked(frame, size, stratum_col).drop("_n", "_r", "_gen")
 
 
 def read(spark: SparkSession, part: dict[str, Any] | None, stratum_col: str) -> DataFrame | None:
@@ -102,15 +105,7 @@ def read(spark: SparkSession, part: dict[str, Any] | None, stratum_col: str) -> 
 
 
 def _bottom_with_gen(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
-    newest = Window.partitionBy("path").orderBy(F.col("_gen").desc())
-    first = Window.partitionBy(stratum_col).orderBy("h", "path")
-    return (
-        frame.withColumn("_n", F.row_number().over(newest))
-        .where("_n = 1")
-        .withColumn("_r", F.row_number().over(first))
-        .where(F.col("_r") <= size)
-        .select("path", "_gen")
-    )
+    return _ranked(frame, size, stratum_col).select("path", "_gen")
 
 
 def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
