@@ -4,22 +4,6 @@ path), reading the sample gives exactly the `size` rows per stratum with the sma
 
 from __future__ import annotations
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def spark():
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
-    yield session
-    session.stop()
-
 
 def test_bottom_n_per_stratum_across_runs(spark, tmp_path):
     from fruits_jobs import samples

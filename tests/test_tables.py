@@ -7,21 +7,6 @@ from __future__ import annotations
 import math
 
 import pyarrow.parquet as pq
-import pytest
-
-
-@pytest.fixture(scope="module")
-def spark():
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .config("spark.sql.shuffle.partitions", "8")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
-    yield session
-    session.stop()
 
 
 def test_each_batch_partition_holds_ceil_rows_over_file_size_files(spark, tmp_path):
