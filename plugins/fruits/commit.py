@@ -28,7 +28,13 @@ def commit(catalog: Catalog, plan: dict[str, Any], validated: dict[str, Any]) ->
     if pca["fit"]:
         catalog.write_json(
             layout.pca_current,
-            {"version": pca["version"], "k": k, "set_at": now, "run_id": plan["run_id"]},
+            {
+                "version": pca["version"],
+                "k": k,
+                "model_id": plan["model_id"],  # the weights its fit saw (plan.check_same_weights)
+                "set_at": now,
+                "run_id": plan["run_id"],
+            },
         )
 
     def record(batch_id: str) -> None:

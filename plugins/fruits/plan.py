@@ -258,6 +258,30 @@ def release_claims(catalog: Catalog, claimed: dict[str, Any], run_id: str) -> No
     pmap(lambda b: catalog.release(b, run_id), claimed_batches(catalog, claimed))
 
 
+def check_same_weights(
+    model_id: str, p: RunParams, current: dict[str, Any] | None, old_records: dict[str, dict[str, Any]]
+) -> None:
+    """Vectors of different weights never share a PCA: a transform with the current model needs the
+    weights its fit saw, a refit needs every batch it re-transforms to have been embedded with these
+    weights. Checked before any run file is written or step started (the claims are handed back)."""
+    if current is not None and current.get("model_id") not in (None, model_id):
+        raise ParamError(
+            f"weights_uri={p.weights_uri} gives model_id {model_id!r}, but the current PCA model "
+            f"{current.get('version')!r} was fitted on embeddings of {current['model_id']!r}: vectors of "
+            "different weights never share a PCA. Set weights_uri (or FRUITS_WEIGHTS_URI) back to the "
+            f"weights file whose SHA-256 starts with {current['model_id'].rsplit('@', 1)[-1]!r}."
+        )
+    other = sorted(b for b, r in old_records.items() if r.get("model_id") not in (None, model_id))
+    if other:
+        theirs = sorted({str(old_records[b]["model_id"]) for b in other})
+        raise ParamError(
+            f"weights_uri={p.weights_uri} gives model_id {model_id!r}, but {len(other)} processed "
+            f"batch(es) ({_few(other)}) were embedded with {theirs}: a refit over them would mix vectors "
+            "of different weights in one PCA. Set weights_uri (or FRUITS_WEIGHTS_URI) back to the weights "
+            f"file whose SHA-256 starts with {theirs[0].rsplit('@', 1)[-1]!r}."
+        )
+
+
 def weights_sha256(catalog: Catalog, uri: str) -> str:
     if uri == "imagenet":
         return "keras-imagenet"
@@ -357,6 +381,8 @@ def build_plan(
         )
     old = [b for b in old if b in records]  # a record deleted since the listing: that batch is not done
     catalog.read_records([b for b in new if b in listing])  # a forced re-run's record: damaged fails here
+    sha = weights_sha256(catalog, p.weights_uri)
+    check_same_weights(model_id_for(sha), p, current, {b: records[b] for b in old})
     if fit:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         version = f"pca-{stamp}-{hashlib.sha256(run_id.encode()).hexdigest()[:6]}"
@@ -434,7 +460,6 @@ def build_plan(
     )
     catalog.write_run_file(keys["ignored.json"], ignored)
 
-    sha = weights_sha256(catalog, p.weights_uri)
     # ONNX Runtime runs an export of these same weights, made once per weights version and checked.
     onnx_uri = ensure_onnx(catalog, p.weights_uri, sha, s)[0] if p.engine == "onnx" else None
     params = {k: v for k, v in asdict(p).items() if k != "batch_ids"}  # the ids are in the run files
