@@ -54,3 +54,22 @@ def test_transparent_pixels_become_white() -> None:
 def test_preprocess_matches_mobilenet_scaling() -> None:
     x = np.array([[[[0, 127, 255]]]], dtype=np.uint8)
     np.testing.assert_allclose(imaging.preprocess(x).ravel(), [-1.0, -0.0039216, 1.0], atol=1e-6)
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A phone photo stored sideways with EXIF Orientation=6 (rotate 90 degrees clockwise to display) is
+    embedded as it is displayed: what is stored on the left ends on top."""
+    import io
+
+    from PIL import Image
+
+    stored = Image.new("RGB", (200, 100), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 100, 100))  # left half red, right half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    pixels = imaging.decode_rgb224(buf.getvalue()).astype(int)
+    top, bottom = pixels[:100].reshape(-1, 3).mean(axis=0), pixels[124:].reshape(-1, 3).mean(axis=0)
+    assert top[0] > 200 and top[2] < 50, top  # red on top
+    assert bottom[2] > 200 and bottom[0] < 50, bottom  # blue below
