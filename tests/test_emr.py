@@ -24,15 +24,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
-import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
-from typing import TextIO
 
 import numpy as np
 import pytest
@@ -41,6 +36,7 @@ from conftest import (
     BUCKET,
     REPO,
     WEIGHTS,
+    captured_log,
     fresh_bucket,
     list_keys,
     read_json,
@@ -55,45 +51,6 @@ from emr_harness import MAX_PENDING_STEPS, MAX_STEP_ARGS_CHARS, EmrHarness
 
 E1, E2, E3 = "emr-b1", "emr-b2-broken-weights", "emr-b3-us"
 BROKEN_WEIGHTS = "test-fixtures/not_really_weights.h5"
-
-
-class _Tee(io.TextIOBase):
-    """Writes through to the stream it replaces and keeps a copy."""
-
-    def __init__(self, stream: TextIO, copy: list[str]) -> None:
-        self.stream, self.copy = stream, copy
-
-    def write(self, text: str) -> int:
-        self.copy.append(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self.stream, "encoding", "utf-8")
-
-
-@contextmanager
-def captured_log() -> Iterator[list[str]]:
-    """The task logs of a DAG run, as lines. In dag.test() Airflow prints them (structlog) to stdout or
-    stderr, which are teed here; stdlib log records are kept too."""
-    chunks: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            chunks.append(record.getMessage() + "\n")
-
-    handler, root = Keep(level=logging.INFO), logging.getLogger()
-    root.addHandler(handler)
-    lines: list[str] = []
-    try:
-        with redirect_stdout(_Tee(sys.stdout, chunks)), redirect_stderr(_Tee(sys.stderr, chunks)):
-            yield lines
-    finally:
-        root.removeHandler(handler)
-        lines.extend("".join(chunks).splitlines())
 
 
 def ti_states(dagrun) -> dict[tuple[str, int], str]:
@@ -369,27 +326,6 @@ def test_non_eu_region_fails_before_creating_anything(emr: EmrHarness) -> None:
     assert (len(emr.requests), len(emr.clusters())) == before
     assert not list_keys(f"ledger/claims/{E3}")
     assert any("region='us-east-1' is outside the EU" in line for line in logged)
-
-
-def test_iam_policies_are_scoped_to_the_bucket() -> None:
-    folder = REPO / "bootstrap" / "iam"
-    docs = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-    assert {"emr-service-role-trust.json", "emr-instance-role-policy.json", "airflow-policy.json"} <= set(
-        docs
-    )
-    for name, doc in docs.items():
-        for st in doc["Statement"]:
-            actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
-            resources = st.get("Resource", [])
-            resources = [resources] if isinstance(resources, str) else resources
-            if any(a.startswith("s3:") for a in actions):  # S3 rights only ever on the pipeline's bucket
-                assert resources and all(r.startswith("arn:aws:s3:::FRUITS_BUCKET") for r in resources), name
-    instance = docs["emr-instance-role-policy.json"]["Statement"]
-    denied = next(s for s in instance if s["Effect"] == "Deny")
-    assert "arn:aws:s3:::FRUITS_BUCKET/models/pca/CURRENT.json" in denied["Resource"]
-    assert "arn:aws:s3:::FRUITS_BUCKET/ledger/*" in denied["Resource"]
-    text = "\n".join(p.read_text() for p in folder.glob("*.json"))
-    assert "AKIA" not in text and "aws_secret" not in text.lower()
 
 
 def test_emr_tuning_fits_the_instance() -> None:

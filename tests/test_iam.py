@@ -208,6 +208,34 @@ def test_policies_pass_parliament(name: str) -> None:
     assert not findings, [(f.issue, f.detail) for f in findings]
 
 
+def test_iam_policies_are_scoped_to_the_bucket() -> None:
+    """Every S3 right is on the pipeline's bucket only (not another bucket, not one whose name merely starts
+    like it), and within it each principal still reaches what it needs: the instance role its own input
+    list, Airflow its bookkeeping. A policy narrowed too far fails here as surely as one too wide."""
+    lay, _, outputs, run_files = _keys()
+    others = ("other-bucket", f"{BUCKET}-copy", f"{BUCKET}x")
+    for name, policies in (("airflow", AIRFLOW_LOCAL), ("instance", INSTANCE), ("service", SERVICE)):
+        for other in others:
+            for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+                for key in ("incoming/b1/Apple/1.jpg", run_files["inputs.jsonl"], "ledger/batches/b1.json"):
+                    verdict = decide(policies, action, f"arn:aws:s3:::{other}/{key}")
+                    assert verdict != "allow", (name, action, other, key)
+            assert decide(policies, "s3:ListBucket", f"arn:aws:s3:::{other}", {"s3:prefix": ""}) != "allow"
+    # The instance role reads its run's input list and batch lists, and the photos they name.
+    for key in (run_files["inputs.jsonl"], run_files["pca_batches.json"], lay.batch_prefix("b1") + "A/1.jpg"):
+        assert decide(INSTANCE, "s3:GetObject", obj(key)) == "allow", key
+    assert (
+        decide(INSTANCE, "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", {"s3:prefix": "incoming/b1/"}) == "allow"
+    )
+    # Airflow reads and writes its bookkeeping, and lists the batches.
+    for key in (lay.ledger_key("b1"), lay.claim_key("b1"), lay.pca_current, run_files["inputs.jsonl"]):
+        assert decide(AIRFLOW, "s3:GetObject", obj(key)) == "allow", key
+        assert decide(AIRFLOW, "s3:PutObject", obj(key)) == "allow", key
+    assert decide(AIRFLOW, "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", {"s3:prefix": "incoming/"}) == "allow"
+    text = "\n".join(p.read_text() for p in IAM_DIR.glob("*.json"))
+    assert "AKIA" not in text and "aws_secret" not in text.lower()
+
+
 def test_every_policy_file_is_covered() -> None:
     assert {p.name for p in IAM_DIR.glob("*.json")} == {
         "airflow-policy.json",
