@@ -7,7 +7,10 @@ configuration once.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -16,7 +19,9 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -66,15 +71,16 @@ def s3_server() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    for _ in range(100):
+    deadline = time.monotonic() + 90  # importing moto takes a while on a busy machine
+    while True:
         try:
             urllib.request.urlopen(f"{ENDPOINT}/moto-api/", timeout=1)
             break
         except Exception:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("the local S3 server did not start")
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the local S3 server did not start") from None
+            time.sleep(0.2)
     yield ENDPOINT
     proc.terminate()
     proc.wait(10)
@@ -106,9 +112,18 @@ def reset_s3() -> None:
 
 
 def s3_hook():
+    """The amazon provider's S3Hook on the connection in force (one per connection: building a client costs
+    a few hundred ms, and the tests read S3 often)."""
+    return _hook_for(os.environ.get("AIRFLOW_CONN_AWS_DEFAULT", ""))
+
+
+@functools.cache
+def _hook_for(connection: str):
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    return S3Hook(aws_conn_id="aws_default")
+    hook = S3Hook(aws_conn_id="aws_default")
+    hook.get_conn()  # the client, built once and kept by the hook
+    return hook
 
 
 def fresh_bucket() -> str:
@@ -119,6 +134,24 @@ def fresh_bucket() -> str:
     hook.create_bucket(bucket_name=BUCKET, region_name="eu-west-3")
     hook.load_file(str(WEIGHTS), "artifacts/models/mobilenet_v2_1.0_224_no_top.h5", BUCKET, replace=True)
     return BUCKET
+
+
+def save_bucket() -> dict[str, bytes]:
+    """Every object of the test bucket, in memory: a small processed history (a few MB), so that tests
+    which each need one pay for its DAG runs once, then restore_bucket() it."""
+    client = s3_hook().get_conn()
+    return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in snapshot()}
+
+
+def restore_bucket(saved: dict[str, bytes]) -> None:
+    """A fresh S3 server state holding exactly the saved objects."""
+    reset_s3()
+    hook = s3_hook()
+    hook.create_bucket(bucket_name=BUCKET, region_name="eu-west-3")
+    client = hook.get_conn()
+    for key, data in saved.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=data)
+    assert set(snapshot()) == set(saved)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +186,14 @@ def upload_sample(batch_id: str, files: list[Path], ready: bool = True) -> None:
 
 
 def get_dag():
+    """The DAG as parsed under the environment in force (its Param defaults read FRUITS_* settings)."""
+    return _dag_for(
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("FRUITS_", "AIRFLOW"))))
+    )
+
+
+@functools.cache
+def _dag_for(environment: tuple):
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
@@ -161,8 +202,32 @@ def get_dag():
 
 
 def run_dag(conf: dict | None = None):
-    """Run the real DAG once, in this process, like `airflow dags test`. Returns the DagRun."""
-    return get_dag().test(run_conf=conf or {})
+    """Run the real DAG once, in this process, like `airflow dags test`. Returns the DagRun.
+
+    Each run's seconds per task go to test-artifacts/dag_runs.jsonl: where the suite's time goes."""
+    started = time.monotonic()
+    dagrun = get_dag().test(run_conf=conf or {})
+    _record_run(dagrun, time.monotonic() - started)
+    return dagrun
+
+
+def _record_run(dagrun, seconds: float) -> None:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.run_id == dagrun.run_id).all()
+        tasks = {
+            f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: round(
+                (ti.end_date - ti.start_date).total_seconds(), 1
+            )
+            for ti in tis
+            if ti.start_date and ti.end_date
+        }
+    ARTIFACTS.mkdir(exist_ok=True)
+    line = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "seconds": round(seconds, 1)}
+    with (ARTIFACTS / "dag_runs.jsonl").open("a") as out:
+        out.write(json.dumps({**line, "state": str(dagrun.state), "tasks": tasks}) + "\n")
 
 
 def task_states(dagrun) -> dict[str, str]:
@@ -180,6 +245,22 @@ def task_states(dagrun) -> dict[str, str]:
 
 def list_keys(prefix: str) -> list[str]:
     return sorted(s3_hook().list_keys(BUCKET, prefix=prefix) or [])
+
+
+def snapshot(prefix: str = "") -> dict[str, str]:
+    """{key: ETag} under prefix: equal snapshots mean the same objects with the same bytes."""
+    pages = s3_hook().get_conn().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+# The S3 operations that change a bucket (the counting server names them as the S3 API does).
+WRITE_PREFIXES = ("Put", "Copy", "Delete", "Create", "Upload", "Complete", "Restore", "POST")
+
+
+def writes_since_reset() -> dict[str, int]:
+    """The write requests the S3 server has served since the last s3_requests(reset=True)."""
+    served = s3_requests()["s3"]
+    return {op: n for op, n in served.items() if op.startswith(WRITE_PREFIXES) and n}
 
 
 def read_json(key: str) -> dict:
@@ -221,3 +302,42 @@ def spark():
     )
     yield session
     session.stop()
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to the stream it replaces and keeps a copy."""
+
+    def __init__(self, stream: TextIO, copy: list[str]) -> None:
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self.copy.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """The task logs of a DAG run, as lines. In dag.test() Airflow prints them (structlog) to stdout or
+    stderr, which are teed here; stdlib log records are kept too."""
+    chunks: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            chunks.append(record.getMessage() + "\n")
+
+    handler, root = Keep(level=logging.INFO), logging.getLogger()
+    root.addHandler(handler)
+    lines: list[str] = []
+    try:
+        with redirect_stdout(_Tee(sys.stdout, chunks)), redirect_stderr(_Tee(sys.stderr, chunks)):
+            yield lines
+    finally:
+        root.removeHandler(handler)
+        lines.extend("".join(chunks).splitlines())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -25,9 +26,12 @@ from conftest import (
     read_parquet,
     run_dag,
     s3_hook,
+    s3_requests,
     sample_files,
+    snapshot,
     task_states,
     upload_sample,
+    writes_since_reset,
 )
 from fruits.catalog import Catalog, CatalogError
 from fruits.config import settings
@@ -76,10 +80,13 @@ def test_run_dying_before_validation_is_redone_and_nothing_half_written_is_trust
     assert record["run_id"] == recovered.run_id
 
 
-def _airflow_dags_test(home: Path, log: Path) -> subprocess.Popen:
+def _airflow_dags_test(home: Path, log: Path, migrated: Path) -> subprocess.Popen:
+    """`airflow dags test` in its own home, on a copy of the session's migrated database (SQLite's backup
+    API: a consistent copy, without paying for a second `airflow db migrate`)."""
     env = {**os.environ, "AIRFLOW_HOME": str(home)}
     airflow = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    with sqlite3.connect(migrated / "airflow.db") as src, sqlite3.connect(home / "airflow.db") as dst:
+        src.backup(dst)
     return subprocess.Popen(
         [airflow, "dags", "test", "fruits_embeddings"],
         env=env,
@@ -98,7 +105,7 @@ def test_two_runs_at_once_process_a_batch_once(airflow_db, s3_server, tmp_path):
     homes = [tmp_path / "home-a", tmp_path / "home-b"]
     for h in homes:
         h.mkdir()
-    procs = [_airflow_dags_test(h, lg) for h, lg in zip(homes, logs, strict=True)]
+    procs = [_airflow_dags_test(h, lg, airflow_db) for h, lg in zip(homes, logs, strict=True)]
     codes = [p.wait(timeout=900) for p in procs]
     texts = [lg.read_text(errors="replace") for lg in logs]
 
@@ -159,17 +166,21 @@ def test_damaged_bookkeeping_fails_fast_with_a_way_out(airflow_db, s3_server, da
     elif damage == "pointer_deleted":
         hook.delete_objects(BUCKET, ["models/pca/CURRENT.json"])
     upload_sample("new", sample_files("Training", labels=1, per_label=2))
-    before = set(list_keys(""))
+    before = snapshot()
 
     with pytest.raises(CatalogError, match=re.escape(message)) as exc:
         preflight(catalog(), parse_params({}, settings()))
     assert any(word in str(exc.value) for word in ("Restore", "refit=true", "force=true"))
 
+    s3_requests(reset=True)
     dagrun = run_dag()  # the real DAG stops at check_params: nothing claimed, computed or written
     states = task_states(dagrun)
     assert failed(dagrun) and states["check_params"] == "failed"
     assert all(states.get(t) != "success" for t in ("claim_batches", "embed", "commit"))
-    assert set(list_keys("")) == before
+    # Nothing written: not one write request reached S3 (a rewrite with the same bytes counts too), and
+    # every object is the one that was there, by ETag.
+    assert writes_since_reset() == {}
+    assert snapshot() == before
 
 
 @pytest.mark.parametrize(
@@ -209,11 +220,13 @@ def test_dag_refuses_bad_params_before_creating_anything(airflow_db, s3_server):
     unknown batch) fails check_params; neither claims, computes or writes anything."""
     fresh_bucket()
     upload_sample("real", sample_files("Training", labels=1, per_label=2))
-    before = set(list_keys(""))
+    before = snapshot()
+    s3_requests(reset=True)
     with pytest.raises(ParamValidationError, match="pca_k"):
         run_dag({"pca_k": 2000})
     dagrun = run_dag({"batch_ids": ["ghost"]})
     states = task_states(dagrun)
     assert failed(dagrun) and states["check_params"] == "failed"
     assert all(states.get(t) != "success" for t in ("find_new_batches", "claim_batches", "embed"))
-    assert set(list_keys("")) == before
+    assert writes_since_reset() == {}
+    assert snapshot() == before

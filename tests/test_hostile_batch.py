@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BUCKET, list_keys, read_json, read_parquet, run_dag, s3_hook, sample_files, upload
+from conftest import (
+    BUCKET,
+    captured_log,
+    list_keys,
+    read_json,
+    read_parquet,
+    run_dag,
+    s3_hook,
+    sample_files,
+    task_states,
+    upload,
+)
 from hostile import hostile_files
 
 BATCH = "hostile"
@@ -37,14 +48,16 @@ def hostile_run(airflow_db, bucket):
         expect[rel] = None
     files["root-photo.jpg"] = PHOTOS[0].read_bytes()
     expect["root-photo.jpg"] = "no label folder"
-    upload(BATCH, {**files, "Banana/.DS_Store": b"\x00\x01"})
-    first = run_dag()
+    hidden = {"Banana/.DS_Store": b"\x00\x01", "Banana/_x.jpg": PHOTOS[0].read_bytes()}
+    upload(BATCH, {**files, **hidden})
+    with captured_log() as logged:
+        first = run_dag()
     snapshot = {
         "embeddings": read_parquet(f"embeddings/batch_id={BATCH}/"),
         "rejects": read_parquet(f"rejects/batch_id={BATCH}/"),
         "ledger": read_json(f"ledger/batches/{BATCH}.json"),
     }
-    return {"dagrun": first, "expect": expect, **snapshot}
+    return {"dagrun": first, "expect": expect, "log": logged, **snapshot}
 
 
 def test_every_file_is_embedded_or_rejected_with_its_reason(hostile_run):
@@ -68,7 +81,14 @@ def test_every_file_is_embedded_or_rejected_with_its_reason(hostile_run):
         len(embedded),
         len(rejected),
     )
-    assert record["ignored_hidden_files"] == [f"incoming/{BATCH}/Banana/.DS_Store"]
+    hidden = [f"incoming/{BATCH}/Banana/.DS_Store", f"incoming/{BATCH}/Banana/_x.jpg"]
+    assert sorted(record["ignored_hidden_files"]) == hidden  # a photo named _x.jpg is not read either
+    warning = next(line for line in hidden_run_log(hostile_run) if "hidden-named file(s) ignored" in line)
+    assert all(key in warning for key in hidden), warning
+
+
+def hidden_run_log(hostile_run) -> list[str]:
+    return [line for line in hostile_run["log"] if f"batch {BATCH}:" in line]
 
 
 def test_odd_names_round_trip_exactly(hostile_run):
@@ -87,8 +107,15 @@ def test_forced_rerun_is_idempotent(hostile_run):
     version = read_json("models/pca/CURRENT.json")["version"]
     before_feat = read_parquet(f"features/pca_version={version}/batch_id={BATCH}/").sort_by("path")
 
+    parts_before = set(list_keys(f"embeddings/batch_id={BATCH}/"))
     again = run_dag({"batch_ids": [BATCH], "force": True})
     assert str(again.state).endswith("success")
+    # The run really redid the batch (an ignored force would stop at find_new_batches and pass the
+    # equalities below): the step ran, the partition holds only new part files, the record is this run's.
+    assert task_states(again)["embed"] == "success"
+    parts_after = set(list_keys(f"embeddings/batch_id={BATCH}/"))
+    assert parts_after and not parts_after & parts_before
+    assert read_json(f"ledger/batches/{BATCH}.json")["run_id"] == again.run_id
 
     after_emb = read_parquet(f"embeddings/batch_id={BATCH}/").sort_by("path")
     after_rej = read_parquet(f"rejects/batch_id={BATCH}/").sort_by("path")
