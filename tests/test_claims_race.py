@@ -26,10 +26,12 @@ LEASE = timedelta(hours=1)
 
 
 def _catalog():
+    """A catalog with a hook and client of its own (conftest.s3_hook() is one shared hook)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from fruits.catalog import Catalog
     from fruits.layout import Layout
 
-    return Catalog(s3_hook(), Layout(BUCKET))
+    return Catalog(S3Hook(aws_conn_id="aws_default"), Layout(BUCKET))
 
 
 @pytest.fixture(scope="module")

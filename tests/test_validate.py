@@ -10,6 +10,7 @@ reads a whole object.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -17,7 +18,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET, reset_s3, s3_hook
+from conftest import BUCKET, reset_s3, restore_bucket, s3_hook, save_bucket
 from fruits.catalog import Catalog
 from fruits.layout import Layout
 from fruits.validate import ValidationFailed, validate_run
@@ -29,13 +30,22 @@ RUN = "runs/manual__t/"
 B1, B2 = "b1", "b2-test"
 
 
-@pytest.fixture
-def run(s3_server):
+@pytest.fixture(scope="module")
+def valid_run(s3_server):
+    """A valid run's outputs, written once and kept in memory."""
     reset_s3()
     hook = s3_hook()
     hook.create_bucket(bucket_name=BUCKET, region_name="eu-west-3")
     plan = write_run(hook.get_conn(), BUCKET, RUN, {B1: 30, B2: 12}, k=8)
-    return plan
+    return plan, save_bucket()
+
+
+@pytest.fixture
+def run(valid_run):
+    """The valid run restored into an otherwise empty S3, for each test to damage."""
+    plan, objects = valid_run
+    restore_bucket(objects)
+    return copy.deepcopy(plan)
 
 
 def catalog() -> Catalog:
