@@ -163,7 +163,13 @@ def raw_child(engine: str, model_path: str, threads: int, batch: int, tensors: s
     from fruits_jobs.engine import get_engine
 
     x = np.load(tensors)
-    forward = get_engine(engine, model_path, threads, batch)
+    import inspect
+
+    # The engine traced for this batch shape (TensorFlow); older engines took no batch.
+    shaped = "batch" in inspect.signature(get_engine).parameters
+    forward = (
+        get_engine(engine, model_path, threads, batch) if shaped else get_engine(engine, model_path, threads)
+    )
     batches = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)]
     for b in batches[:2]:
         forward(b)  # warm-up: graph tracing, allocator
@@ -457,6 +463,7 @@ def main() -> int:
     from fruits.onnx_model import ensure_onnx
     from fruits.tuning import local_tuning
     from fruits_jobs import imaging
+    from fruits_jobs.engine import MODEL_BATCH
 
     skip = set(filter(None, args.skip.split(",")))
     s = settings()
@@ -573,10 +580,15 @@ def main() -> int:
                 rate = m["files"] / m["action_seconds"]
                 # CPU per photo: the engine's own (summed in the workers around each forward call), and
                 # everything else the job's processes spent (JVM + Python workers), S3 server excluded.
-                model_ms = 1000 * m.get("engine_cpu_seconds", 0.0) / m["files"]
+                if "engine_cpu_seconds" in m:
+                    model_ms, model_source = 1000 * m["engine_cpu_seconds"] / m["files"], "job"
+                else:  # a job that does not meter its engine: the raw engine's CPU per photo instead
+                    key = f"{tuning.threads_per_task}x{MODEL_BATCH}"
+                    model_ms, model_source = raw_cpu.get(engine, {}).get(key, 0.0), f"raw {key}"
                 job_ms = 1000 * (used.get("python_workers", 0.0) + used.get("spark_jvm", 0.0)) / m["files"]
                 jobs[engine] = {
                     "model_cpu_ms_per_image": round(model_ms, 2),
+                    "model_cpu_from": model_source,
                     "overhead_cpu_ms_per_image": round(job_ms - model_ms, 2),
                     "python_outside_engine_cpu_ms_per_image": round(
                         1000 * used.get("python_workers", 0.0) / m["files"] - model_ms, 2
