@@ -447,6 +447,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=5040)
     ap.add_argument("--engines", default="", help="engines for the job (default: the default engine only)")
     ap.add_argument("--skip", default="", help="comma list of: noop,decode,raw,job,pca,small")
+    ap.add_argument(
+        "--raw-grid", default="", help="THREADSxBATCH list for the raw engines, e.g. 1x8,2x8 (default: all)"
+    )
     ap.add_argument("--curve", action="store_true", help="also run the model batch x threads grid")
     ap.add_argument("--curve-batches", default="8,32,64")
     ap.add_argument("--conf", action="append", default=[], help="KEY=VALUE added to every spark-submit")
@@ -466,6 +469,7 @@ def main() -> int:
     from fruits_jobs.engine import MODEL_BATCH
 
     skip = set(filter(None, args.skip.split(",")))
+    raw_grid = set(filter(None, args.raw_grid.split(",")))
     s = settings()
     engines = [e for e in (args.engines or s.engine).split(",") if e]
     default_engine = s.engine
@@ -546,6 +550,8 @@ def main() -> int:
                 raw[engine] = {}
                 for threads in range(1, cores + 1):
                     for batch in RAW_BATCHES:
+                        if raw_grid and f"{threads}x{batch}" not in raw_grid:
+                            continue
                         r = raw_speed(engine, model_paths[engine], threads, batch, tensors)
                         rate = r["images_per_s"]
                         raw[engine][f"{threads}x{batch}"] = round(rate, 1)
