@@ -12,9 +12,18 @@ images and the same machine:
                        plugins/fruits/local_compute.py, images read from S3), from its action until both
                        Parquet tables are written, after one warm-up run of the same job.
 - efficiency           job / raw, with the default engine (config FRUITS_ENGINE).
+- overhead_cpu_ms_per_image  CPU per photo, during the timed job's action, of the Spark JVM and the Python
+                       workers minus the engine's own CPU (the job sums it around every forward call:
+                       fruits_jobs.engine.CpuMeter); the S3 server is left out. Default engine.
+- efficiency_cpu       engine CPU / (engine CPU + overhead CPU) per photo, default engine.
+- tf_vs_raw_tf         the job with engine=tf / raw TensorFlow (needs tf in --engines).
+- small_run_s          a whole DAG run (dag.test) on a new batch of SMALL_BATCH_IMAGES photos, the ONNX
+                       export already staged; small_run_tasks_s gives each task's seconds (start to end).
 - worker_peak_rss_mb   the largest Spark Python worker's peak RSS (VmHWM) during the timed job.
 - pca_refit_s          the real pca.py --fit on 100,000 x 1280 synthetic embeddings written to S3.
 - noop_run_s           a whole DAG run (dag.test) when no batch is new.
+
+--skip takes: noop, decode, raw, job, pca, small.
 
 Images: the shared Fruits-360 sample (Training + Test) replicated until there are at least --images. Each
 copy gets a JPEG comment segment (FF FE) after the start-of-image marker naming the copy, so every file has
@@ -47,6 +56,8 @@ SAMPLE = REPO.parent / "shared" / "data" / "fruits360-sample"
 BUCKET = "fruits-bench"
 BATCH = "bench-replicated"
 SYNTHETIC_BATCH = "synthetic-100k"
+SMALL_BATCH = "bench-small"
+SMALL_BATCH_IMAGES = 100
 RAW_BATCHES = (8, 16, 32, 64)
 
 
@@ -92,8 +103,9 @@ def with_comment(jpeg: bytes, text: str) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 
-def replicated(n_images: int) -> dict[str, bytes]:
-    """{LABEL/FILE: bytes}: the sample repeated until there are n_images, every file distinct."""
+def replicated(n_images: int, tag: str = "fruits-bench") -> dict[str, bytes]:
+    """{LABEL/FILE: bytes}: the sample repeated until there are n_images, every file distinct (and distinct
+    from another tag's)."""
     import hashlib
 
     files = sample_files()
@@ -105,7 +117,7 @@ def replicated(n_images: int) -> dict[str, bytes]:
                 break
             split = f.parent.parent.name.lower()
             out[f"{f.parent.name}/c{copy}-{split}-{f.name}"] = with_comment(
-                f.read_bytes(), f"fruits-bench copy {copy} {split}/{f.parent.name}/{f.name}"
+                f.read_bytes(), f"{tag} copy {copy} {split}/{f.parent.name}/{f.name}"
             )
         copy += 1
     digests = {hashlib.sha256(b).hexdigest() for b in out.values()}
@@ -151,7 +163,13 @@ def raw_child(engine: str, model_path: str, threads: int, batch: int, tensors: s
     from fruits_jobs.engine import get_engine
 
     x = np.load(tensors)
-    forward = get_engine(engine, model_path, threads)
+    import inspect
+
+    # The engine traced for this batch shape (TensorFlow); older engines took no batch.
+    shaped = "batch" in inspect.signature(get_engine).parameters
+    forward = (
+        get_engine(engine, model_path, threads, batch) if shaped else get_engine(engine, model_path, threads)
+    )
     batches = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)]
     for b in batches[:2]:
         forward(b)  # warm-up: graph tracing, allocator
@@ -163,16 +181,19 @@ def raw_child(engine: str, model_path: str, threads: int, batch: int, tensors: s
         forward(b)
         return len(b)
 
-    print(json.dumps({"images_per_s": timed_loop(step)}))
+    cpu0, done0 = time.process_time(), state["i"]
+    rate = timed_loop(step)
+    cpu_ms = 1000 * (time.process_time() - cpu0) / max((state["i"] - done0) * batch, 1)
+    print(json.dumps({"images_per_s": rate, "cpu_ms_per_image": cpu_ms}))
 
 
-def raw_speed(engine: str, model_path: str, threads: int, batch: int, tensors: Path) -> float:
+def raw_speed(engine: str, model_path: str, threads: int, batch: int, tensors: Path) -> dict[str, float]:
     argv = [sys.executable, __file__, "_raw", engine, model_path, str(threads), str(batch), str(tensors)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"raw {engine} x{threads} failed:\n{proc.stderr[-3000:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- Spark worker memory ------------------------------------------------------------------------------
@@ -341,27 +362,58 @@ def synthetic_embeddings(hook, rows: int = 100_000, files: int = 8, seed: int = 
             )
 
 
-def noop_dag_run() -> tuple[float, str, dict[str, str]]:
-    """A whole DAG run (dag.test, in this process) when no batch is ready: (seconds, state, task states)."""
-    from airflow.dag_processing.dagbag import DagBag
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-
+def migrate_airflow_db() -> None:
     subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def dag_run(conf: dict[str, Any] | None = None) -> tuple[float, str, dict[str, dict[str, Any]]]:
+    """A whole DAG run (dag.test, in this process): (seconds, state, {task_id: {state, seconds}}), each
+    task's seconds from its task instance's start and end."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
     bag = DagBag(dag_folder=str(REPO / "dags"))
     dag = bag.get_dag("fruits_embeddings")
     t0 = time.monotonic()
-    dagrun = dag.test()
+    dagrun = dag.test(run_conf=conf or {})
     seconds = time.monotonic() - t0
     with create_session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.run_id == dagrun.run_id).all()
-        states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
-    return seconds, str(getattr(dagrun.state, "value", dagrun.state)), states
+        tasks = {
+            ti.task_id: {
+                "state": str(getattr(ti.state, "value", ti.state)),
+                "seconds": round((ti.end_date - ti.start_date).total_seconds(), 1)
+                if ti.start_date and ti.end_date
+                else None,
+            }
+            for ti in tis
+        }
+    return seconds, str(getattr(dagrun.state, "value", dagrun.state)), tasks
+
+
+def noop_dag_run() -> tuple[float, str, dict[str, str]]:
+    """A whole DAG run (dag.test, in this process) when no batch is ready: (seconds, state, task states)."""
+    migrate_airflow_db()
+    seconds, state, tasks = dag_run()
+    return seconds, state, {t: v["state"] for t, v in tasks.items()}
+
+
+def small_dag_run(hook, batch: str, tag: str) -> tuple[float, dict[str, Any]]:
+    """A whole DAG run on `batch`, a new batch of SMALL_BATCH_IMAGES photos: its seconds and each task's."""
+    migrate_airflow_db()
+    upload(hook, BUCKET, f"incoming/{batch}/", replicated(SMALL_BATCH_IMAGES, tag))
+    hook.load_string("", f"incoming/{batch}/_READY", BUCKET, replace=True)
+    seconds, state, tasks = dag_run({"batch_ids": [batch]})
+    if state != "success" or any(t["state"] not in ("success", "skipped") for t in tasks.values()):
+        raise RuntimeError(f"small DAG run failed: {state} {tasks}")
+    timed = {t: v["seconds"] for t, v in tasks.items() if v["state"] == "success" and v["seconds"]}
+    return seconds, dict(sorted(timed.items(), key=lambda kv: -kv[1]))
 
 
 def curve(catalog, s, base, engines: list[str], cores: int, batch_sizes: list[int]) -> list[dict[str, Any]]:
@@ -394,7 +446,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=5040)
     ap.add_argument("--engines", default="", help="engines for the job (default: the default engine only)")
-    ap.add_argument("--skip", default="", help="comma list of: noop,decode,raw,job,pca")
+    ap.add_argument("--skip", default="", help="comma list of: noop,decode,raw,job,pca,small")
+    ap.add_argument(
+        "--raw-grid", default="", help="THREADSxBATCH list for the raw engines, e.g. 1x8,2x8 (default: all)"
+    )
     ap.add_argument("--curve", action="store_true", help="also run the model batch x threads grid")
     ap.add_argument("--curve-batches", default="8,32,64")
     ap.add_argument("--conf", action="append", default=[], help="KEY=VALUE added to every spark-submit")
@@ -411,8 +466,10 @@ def main() -> int:
     from fruits.onnx_model import ensure_onnx
     from fruits.tuning import local_tuning
     from fruits_jobs import imaging
+    from fruits_jobs.engine import MODEL_BATCH
 
     skip = set(filter(None, args.skip.split(",")))
+    raw_grid = set(filter(None, args.raw_grid.split(",")))
     s = settings()
     engines = [e for e in (args.engines or s.engine).split(",") if e]
     default_engine = s.engine
@@ -466,6 +523,18 @@ def main() -> int:
         say(f"ONNX export {action}: {onnx_uri}")
         model_paths = {"tf": str(devstack.DEFAULT_WEIGHTS), "onnx": str(onnx_local)}
 
+        if "small" not in skip:
+            # A first run makes the state a later run finds (ledger, PCA model, fit sample); the second,
+            # timed, is the steady case: a new small batch on a pipeline that has run before.
+            first_s, _ = small_dag_run(hook, f"{SMALL_BATCH}-first", "fruits-bench-small-first")
+            say(f"first DAG run on {SMALL_BATCH_IMAGES} new photos (fits PCA): {first_s:.1f} s")
+            load = load_avg()
+            seconds, tasks = small_dag_run(hook, SMALL_BATCH, "fruits-bench-small")
+            out["small_run_s"] = round(seconds, 1)
+            extra["small_run_tasks_s"] = tasks
+            extra["small_run_load_1min"] = [load, load_avg()]
+            say(f"DAG run on {SMALL_BATCH_IMAGES} new photos: {seconds:.1f} s; by task {tasks}")
+
         sample = list(images.values())
         if "decode" not in skip:
             rate = decode_speed(sample[:1680])
@@ -473,6 +542,7 @@ def main() -> int:
             say(f"decode + resize to 224x224 (one core): {rate:.1f} img/s")
 
         raw: dict[str, dict[str, float]] = {}
+        raw_cpu: dict[str, dict[str, float]] = {}
         if "raw" not in skip:
             tensors = BENCH_HOME / "tensors.npy"
             np.save(tensors, imaging.preprocess(np.stack([imaging.decode_rgb224(b) for b in sample[:512]])))
@@ -480,11 +550,19 @@ def main() -> int:
                 raw[engine] = {}
                 for threads in range(1, cores + 1):
                     for batch in RAW_BATCHES:
-                        rate = raw_speed(engine, model_paths[engine], threads, batch, tensors)
+                        if raw_grid and f"{threads}x{batch}" not in raw_grid:
+                            continue
+                        r = raw_speed(engine, model_paths[engine], threads, batch, tensors)
+                        rate = r["images_per_s"]
                         raw[engine][f"{threads}x{batch}"] = round(rate, 1)
-                        say(f"raw {engine}, {threads} thread(s), batch {batch}: {rate:.1f} img/s")
+                        raw_cpu.setdefault(engine, {})[f"{threads}x{batch}"] = round(r["cpu_ms_per_image"], 2)
+                        say(
+                            f"raw {engine}, {threads} thread(s), batch {batch}: {rate:.1f} img/s, "
+                            f"{r['cpu_ms_per_image']:.2f} ms CPU per image"
+                        )
             tensors.unlink()
             extra["raw_by_engine_threads_x_batch"] = raw
+            extra["raw_cpu_ms_per_image"] = raw_cpu
 
         jobs: dict[str, dict[str, Any]] = {}
         if "job" not in skip:
@@ -506,7 +584,23 @@ def main() -> int:
                 if m["embedded"] != len(images):
                     raise RuntimeError(f"the job embedded {m['embedded']} of {len(images)} images")
                 rate = m["files"] / m["action_seconds"]
+                # CPU per photo: the engine's own (summed in the workers around each forward call), and
+                # everything else the job's processes spent (JVM + Python workers), S3 server excluded.
+                if "engine_cpu_seconds" in m:
+                    model_ms, model_source = 1000 * m["engine_cpu_seconds"] / m["files"], "job"
+                else:  # a job that does not meter its engine: the raw engine's CPU per photo instead
+                    key = f"{tuning.threads_per_task}x{MODEL_BATCH}"
+                    model_ms, model_source = raw_cpu.get(engine, {}).get(key, 0.0), f"raw {key}"
+                job_ms = 1000 * (used.get("python_workers", 0.0) + used.get("spark_jvm", 0.0)) / m["files"]
                 jobs[engine] = {
+                    "model_cpu_ms_per_image": round(model_ms, 2),
+                    "model_cpu_from": model_source,
+                    "overhead_cpu_ms_per_image": round(job_ms - model_ms, 2),
+                    "python_outside_engine_cpu_ms_per_image": round(
+                        1000 * used.get("python_workers", 0.0) / m["files"] - model_ms, 2
+                    ),
+                    "jvm_cpu_ms_per_image": round(1000 * used.get("spark_jvm", 0.0) / m["files"], 2),
+                    "efficiency_cpu": round(model_ms / job_ms, 3) if job_ms else None,
                     "images_per_s": round(rate, 1),
                     "action_s": m["action_seconds"],
                     "compute_s": m["compute_seconds"],
@@ -522,17 +616,26 @@ def main() -> int:
                     f"peak RSS {rss.peak_mb():.0f} MB"
                 )
                 say(f"  CPU seconds during the action ({cores} cores x {m['action_seconds']:.0f} s): {used}")
+                say(
+                    f"  CPU per photo: engine {model_ms:.2f} ms, overhead (JVM + workers outside the engine) "
+                    f"{job_ms - model_ms:.2f} ms"
+                )
             extra["job_by_engine"] = jobs
             if default_engine in jobs:
                 out["engine"] = default_engine
                 out["job_images_per_s"] = jobs[default_engine]["images_per_s"]
                 out["worker_peak_rss_mb"] = jobs[default_engine]["worker_peak_rss_mb"]
+                out["overhead_cpu_ms_per_image"] = jobs[default_engine]["overhead_cpu_ms_per_image"]
+                out["efficiency_cpu"] = jobs[default_engine]["efficiency_cpu"]
         if default_engine in raw:
             best = max(raw[default_engine], key=lambda t: raw[default_engine][t])
             out["raw_images_per_s"] = raw[default_engine][best]
             extra["raw_best_threads_x_batch"] = best
             if "job_images_per_s" in out:
                 out["efficiency"] = round(out["job_images_per_s"] / out["raw_images_per_s"], 3)
+        if "tf" in raw and "tf" in jobs:
+            out["tf_vs_raw_tf"] = round(jobs["tf"]["images_per_s"] / max(raw["tf"].values()), 3)
+            extra["raw_tf_images_per_s"] = max(raw["tf"].values())
 
         if "pca" not in skip:
             t0 = time.monotonic()
@@ -558,7 +661,8 @@ def main() -> int:
     print()
     for key, value in {**out, **extra}.items():
         print(f"{key:>24}: {value}")
-    keys = ["job_images_per_s", "raw_images_per_s", "efficiency", "decode_images_per_s"]
+    keys = ["job_images_per_s", "raw_images_per_s", "efficiency", "overhead_cpu_ms_per_image"]
+    keys += ["efficiency_cpu", "tf_vs_raw_tf", "small_run_s", "decode_images_per_s"]
     keys += ["worker_peak_rss_mb", "pca_refit_s", "noop_run_s", "engine", "images"]
     print(json.dumps({**{k: out[k] for k in keys if k in out}, **extra}))
     return 0

@@ -16,17 +16,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from fruits_jobs import imaging, objects, samples, sparkio, tables
-from fruits_jobs.engine import EMBEDDING_DIM, ENGINES, MODEL_BATCH, file_sha256, get_engine, model_id
+from fruits_jobs.engine import (
+    EMBEDDING_DIM,
+    ENGINES,
+    MODEL_BATCH,
+    CpuMeter,
+    file_sha256,
+    get_engine,
+    model_id,
+)
 from pyspark import SparkFiles, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -40,12 +50,33 @@ FIT_SAMPLE_ROWS = 30_000
 # Photos per Spark task: enough to amortise a task's start, few enough to keep every core busy to the end.
 IMAGES_PER_TASK = 256
 EMBEDDINGS_SCHEMA = "batch_id, path, label, content_sha256, size_bytes, embedding, model_id, engine"
-UDF_SCHEMA = T.StructType(
+VECTOR_TYPE = T.ArrayType(T.FloatType(), containsNull=False)
+# What the Python worker answers for every photo it was given (mapInArrow): the input's columns, then
+# what reading, decoding and the model made of it; `reason` is null exactly when `embedding` is not.
+RESULT_SCHEMA = T.StructType(
     [
-        T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False)),
-        T.StructField("error", T.StringType()),
+        T.StructField("batch_id", T.StringType()),
+        T.StructField("path", T.StringType()),
+        T.StructField("label", T.StringType()),
         T.StructField("content_sha256", T.StringType()),
         T.StructField("size_bytes", T.LongType()),
+        T.StructField("embedding", VECTOR_TYPE),
+        T.StructField("reason", T.StringType()),
+    ]
+)
+INPUT_COLUMNS = ["batch_id", "path", "label", "size_bytes"]
+# The Arrow types Spark expects for RESULT_SCHEMA (its array<float> without nulls is a list of non-null
+# float32 named "element").
+ARROW_VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
+ARROW_RESULT = pa.schema(
+    [
+        ("batch_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("content_sha256", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("embedding", ARROW_VECTOR),
+        ("reason", pa.string()),
     ]
 )
 
@@ -86,67 +117,93 @@ def localise(spark: SparkSession, uri: str) -> str:
     return os.path.basename(uri.rstrip("/"))
 
 
-def make_embed_udf(engine: str, model_file: str, threads: int, model_batch: int, rows_out: int, counter, s3):
-    """The Iterator pandas UDF, from (path, size) to embeddings. The engine and the S3 reader are built
-    once per worker and reused for every Arrow batch. GETs run ahead in the reader's threads; decoding
-    and the model run in the task's own thread, `model_batch` photos per call (a small batch keeps the
-    activations in cache: see docs/performance.md), whatever the Arrow batch.
+def make_embed_fn(engine: str, model_file: str, threads: int, model_batch: int, counter, engine_cpu, s3):
+    """The mapInArrow function: Arrow record batches of (batch_id, path, label, size_bytes) in, one
+    RESULT_SCHEMA batch out per batch in, no pandas on either side. The engine and the S3 reader are
+    built once per worker and reused for every task. GETs run ahead in the reader's threads, across
+    input batches; decoding and the model run in the task's own thread, `model_batch` photos per call (a
+    small batch keeps the activations in cache: see docs/performance.md).
 
-    An iterator UDF owes Spark as many rows as it was given, in order, not one output batch per input
-    batch, so the rows are answered in chunks of `rows_out` as the read-ahead delivers them."""
+    `counter` counts the photos done (the driver's progress line); `engine_cpu` sums the engine's own
+    CPU seconds (fruits_jobs.engine.CpuMeter), for the bench's CPU accounting."""
 
-    @F.pandas_udf(UDF_SCHEMA)
-    def embed(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+    def embed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model_path = model_file if model_file == "imagenet" else SparkFiles.get(model_file)
-        forward = get_engine(engine, model_path, threads)
+        meter = CpuMeter()
+        forward = meter.timed(get_engine(engine, model_path, threads, model_batch))
         reader = objects.Reader(s3)
-        files = (
-            row
-            for paths, sizes in batches
-            for row in zip(paths, sizes.fillna(0).astype("int64"), strict=True)
-        )
-        fetched = objects.read_ahead(files, reader.get)
-        while rows := list(itertools.islice(fetched, rows_out)):
-            yield embed_rows(rows, forward, model_batch)
-            counter.add(len(rows))
+        pending: deque[pa.RecordBatch] = deque()
+
+        def files() -> Iterator[tuple[str, int]]:
+            for batch in batches:
+                if batch.num_rows:
+                    pending.append(batch)
+                    sizes = batch.column("size_bytes").fill_null(0).to_pylist()
+                    yield from zip(batch.column("path").to_pylist(), sizes, strict=True)
+
+        fetched = objects.read_ahead(files(), reader.get)
+        while (first := next(fetched, None)) is not None:
+            batch = pending.popleft()  # read_ahead has pulled at least the batch `first` belongs to
+            items = [first, *itertools.islice(fetched, batch.num_rows - 1)]
+            yield embed_batch(batch, items, forward, model_batch)
+            counter.add(len(items))
+        engine_cpu.add(meter.total_s())
 
     return embed
 
 
-def embed_rows(rows: list[objects.Fetched], forward, model_batch: int) -> pd.DataFrame:
-    """Decode each photo and embed those that decode, `model_batch` at a time; the rest get a reason."""
-    reasons: list[str | None] = [None] * len(rows)
-    vectors: list[np.ndarray | None] = [None] * len(rows)
+def embed_batch(
+    batch: pa.RecordBatch, items: list[objects.Fetched], forward, model_batch: int
+) -> pa.RecordBatch:
+    """Decode each photo and embed those that decode, `model_batch` at a time; the rest get a reason.
+    The vectors go straight into one contiguous float32 buffer that becomes the list column's values
+    (offsets 0, 1280, 2560, ...; a reject repeats its offset and is null): no Python object per vector."""
+    n = len(items)
+    reasons: list[str | None] = [None] * n
+    vectors = np.empty((n, EMBEDDING_DIM), dtype=np.float32)
+    done = 0  # rows of `vectors` filled
     pixels: list[np.ndarray] = []
-    ok: list[int] = []
 
     def flush() -> None:
-        out = forward(imaging.preprocess(np.stack(pixels)))
-        for row, vec in zip(ok, out, strict=True):
-            vectors[row] = vec.astype(np.float32, copy=False)
+        nonlocal done
+        vectors[done : done + len(pixels)] = forward(imaging.preprocess(np.stack(pixels)))
+        done += len(pixels)
         pixels.clear()
-        ok.clear()
 
-    for i, item in enumerate(rows):
+    for i, item in enumerate(items):
         if item.data is None:
             reasons[i] = "not found in S3: deleted after the run was planned"
             continue
         try:
             pixels.append(imaging.decode_rgb224(item.data))
-            ok.append(i)
         except imaging.RejectedImage as reject:
             reasons[i] = str(reject)
         if len(pixels) == model_batch:
             flush()
     if pixels:
         flush()
-    return pd.DataFrame(
-        {
-            "embedding": vectors,
-            "error": reasons,
-            "content_sha256": [item.content_sha256 for item in rows],
-            "size_bytes": pd.array([None if r.data is None else len(r.data) for r in rows], dtype="Int64"),
-        }
+    rejected = np.fromiter((r is not None for r in reasons), dtype=bool, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.where(rejected, 0, EMBEDDING_DIM), out=offsets[1:])
+    embedding = pa.ListArray.from_arrays(
+        pa.array(offsets),
+        pa.array(vectors[:done].reshape(-1)),
+        type=ARROW_VECTOR,
+        mask=pa.array(rejected),
+    )
+    listed = batch.column("size_bytes").to_pylist()
+    sizes = [listed[i] if item.data is None else len(item.data) for i, item in enumerate(items)]
+    return pa.RecordBatch.from_arrays(
+        [
+            batch.column("batch_id"),
+            batch.column("path"),
+            batch.column("label"),
+            pa.array([item.content_sha256 for item in items], pa.string()),
+            pa.array(sizes, pa.int64()),
+            embedding,
+            pa.array(reasons, pa.string()),
+        ],
+        schema=ARROW_RESULT,
     )
 
 
@@ -169,6 +226,19 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> DataFrame:
     """The run's inputs, exactly as the plan listed them: a file uploaded after the plan is not read, and
     every listed file gets a row (embedded or rejected), so embedded + rejected = files always holds."""
     return spark.read.schema("batch_id string, path string, size_bytes long").json(manifest_uri)
+
+
+def weights_sha256(spark: SparkSession, args: argparse.Namespace, engine_file: str) -> str:
+    """The weights' SHA-256 for model_id. With ONNX Runtime, from the manifest staged beside the ONNX file
+    (plugins/fruits/onnx_model.py checked it against these weights before the run): the 14 MB .h5 is then
+    neither shipped to the nodes nor hashed again. With TensorFlow, from the .h5 the engine loads."""
+    if args.weights == "imagenet":
+        return "keras-imagenet"
+    if args.engine == "onnx":
+        reader = objects.Reader(s3_settings(spark, args.s3_region))
+        manifest = json.loads(reader.get(args.onnx_model + ".json"))
+        return manifest["weights_sha256"]
+    return file_sha256(SparkFiles.get(engine_file))
 
 
 def sibling(uri: str, name: str) -> str:
@@ -304,13 +374,13 @@ def main(argv: list[str]) -> int:
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     started = time.monotonic()
 
-    model_file = localise(spark, args.weights)
-    weights_sha = "imagenet" if model_file == "imagenet" else file_sha256(SparkFiles.get(model_file))
-    mid = model_id(weights_sha if weights_sha != "imagenet" else "keras-imagenet")
-    engine_file = model_file if args.engine == "tf" else localise(spark, args.onnx_model)
+    engine_file = localise(spark, args.weights if args.engine == "tf" else args.onnx_model)
+    mid = model_id(weights_sha256(spark, args, engine_file))
     # One engine thread per core the task holds: more oversubscribes the cores, fewer leaves them idle.
     threads = args.threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
     log.info("model %s, engine %s, %d thread(s) per task", mid, args.engine, threads)
+    # Float vectors never repeat: Parquet's dictionary attempt on them is CPU spent, then thrown away.
+    spark.conf.set("parquet.enable.dictionary#embedding.list.element", "false")
 
     manifest = read_manifest(spark, args.manifest).cache()
     listed = {r["batch_id"]: int(r["count"]) for r in manifest.groupBy("batch_id").count().collect()}
@@ -321,23 +391,15 @@ def main(argv: list[str]) -> int:
     log.info("%d files in %d batch(es), %d task(s)", total, len(batches), parts)
 
     counter = spark.sparkContext.accumulator(0)
+    engine_cpu = spark.sparkContext.accumulator(0.0)
     model_batch = args.model_batch or MODEL_BATCH
     s3 = s3_settings(spark, args.s3_region)
-    rows_out = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000"))
-    udf = make_embed_udf(args.engine, engine_file, threads, model_batch, rows_out, counter, s3)
+    embed = make_embed_fn(args.engine, engine_file, threads, model_batch, counter, engine_cpu, s3)
     embedded = (
         files.where(F.col("reason").isNull())
+        .select(*INPUT_COLUMNS)
         .repartition(parts)
-        .withColumn("r", udf("path", "size_bytes"))
-        .select(
-            "batch_id",
-            "path",
-            "label",
-            F.col("r.content_sha256").alias("content_sha256"),
-            F.coalesce("r.size_bytes", "size_bytes").alias("size_bytes"),
-            F.col("r.embedding").alias("embedding"),
-            F.col("r.error").alias("reason"),
-        )
+        .mapInArrow(embed, RESULT_SCHEMA)
     )
     by_path = files.where(F.col("reason").isNotNull()).select(
         "batch_id",
@@ -345,32 +407,32 @@ def main(argv: list[str]) -> int:
         "label",
         F.lit(None).cast("string").alias("content_sha256"),
         "size_bytes",
-        F.lit(None).cast(UDF_SCHEMA["embedding"].dataType).alias("embedding"),
+        F.lit(None).cast(VECTOR_TYPE).alias("embedding"),
         "reason",
     )
-    # Computed once: both outputs are written from this cache, never by re-running the model.
+    # Computed once: both outputs are written from this cache, never by re-running the model. The action
+    # that fills it also counts the rows per batch, so the cache is not scanned once more for them.
     result = embedded.unionByName(by_path).persist(StorageLevel.MEMORY_AND_DISK)
     progress = Progress(counter, total)
     progress.start()
     action_started = time.monotonic()  # the bench's job_images_per_s runs from here to `written`
     try:
-        result.count()
+        per_batch = {
+            r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
+            for r in result.groupBy("batch_id")
+            .agg(
+                F.count("*").alias("files"),
+                F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
+                F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
+            )
+            .collect()
+        }
     finally:
         progress.done.set()
         progress.join(timeout=5)
     embed_s = time.monotonic() - started
     computed = time.monotonic()
 
-    per_batch = {
-        r["batch_id"]: {"files": r["files"], "embedded": r["embedded"], "rejected": r["rejected"]}
-        for r in result.groupBy("batch_id")
-        .agg(
-            F.count("*").alias("files"),
-            F.sum(F.col("reason").isNull().cast("int")).alias("embedded"),
-            F.sum(F.col("reason").isNotNull().cast("int")).alias("rejected"),
-        )
-        .collect()
-    }
     embeddings = result.where(F.col("reason").isNull()).select(
         "batch_id",
         "path",
@@ -423,6 +485,8 @@ def main(argv: list[str]) -> int:
             round(time.time() - (time.monotonic() - t), 3) for t in (action_started, written)
         ],
         "images_per_s": round(total / seconds, 2) if seconds else None,
+        # The engine's own CPU in the workers, summed over every forward call (fruits_jobs.engine.CpuMeter).
+        "engine_cpu_seconds": round(engine_cpu.value, 3),
     }
     log.info("done: %d files, %d embedded, %d rejected in %.1f s", total, embedded, total - embedded, seconds)
     if args.metrics_out:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ ENGINES = ("tf", "onnx")
 MODEL_BATCH = 8
 
 Embedder = Callable[[np.ndarray], np.ndarray]
-_CACHE: dict[tuple[str, str, int], Embedder] = {}
+_CACHE: dict[tuple[str, str, int, int], Embedder] = {}
 
 
 def model_id(weights_sha256: str) -> str:
@@ -47,7 +48,10 @@ def build_keras_model(weights: str):
     )
 
 
-def _tf_engine(weights: str, threads: int) -> Embedder:
+def _tf_engine(weights: str, threads: int, batch: int = MODEL_BATCH) -> Embedder:
+    """One graph traced once for a fixed (batch, 224, 224, 3) input: a short last call is padded with
+    zeros (its extra rows dropped), a longer one split, so the shapes never change and the graph is
+    never retraced; static shapes also let the graph optimiser fold every layer's shape once."""
     import tensorflow as tf
 
     try:
@@ -57,11 +61,21 @@ def _tf_engine(weights: str, threads: int) -> Embedder:
         pass
     model = build_keras_model(weights)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)], reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([batch, 224, 224, 3], tf.float32)])
     def forward(x):
         return model(x, training=False)
 
-    return lambda batch: forward(tf.constant(batch)).numpy()
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), batch):
+            part = x[start : start + batch]
+            n = len(part)
+            if n < batch:
+                part = np.concatenate([part, np.zeros((batch - n, *part.shape[1:]), part.dtype)])
+            outs.append(forward(part).numpy()[:n])
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    return run
 
 
 def _onnx_engine(onnx_path: str, threads: int) -> Embedder:
@@ -76,13 +90,57 @@ def _onnx_engine(onnx_path: str, threads: int) -> Embedder:
     return lambda batch: session.run(None, {input_name: batch})[0]
 
 
-def get_engine(kind: str, model_path: str, threads: int) -> Embedder:
-    """The process-wide engine for (kind, model, threads); built on first use only."""
-    key = (kind, model_path, threads)
+def engine_pool_cpu_s() -> float:
+    """CPU seconds so far of the engine's own thread pool in this process (TensorFlow runs its kernels in
+    threads it names tf_*; ONNX Runtime on one intra-op thread runs in the caller's thread, so 0 then).
+    With time.thread_time() of the calling thread around each forward call, this is the engine's whole
+    CPU: the pool threads do nothing but the engine's work. From /proc (Linux); 0.0 elsewhere."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                comm, rest = handle.read().rsplit(")", 1)
+        except OSError:
+            continue  # the thread ended
+        if comm.split("(", 1)[1].startswith("tf_"):
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Sums the engine's CPU seconds over the forward calls of one task (see engine_pool_cpu_s)."""
+
+    def __init__(self) -> None:
+        self.caller_s = 0.0
+        self._pool_start = engine_pool_cpu_s()
+
+    def timed(self, forward: Embedder) -> Embedder:
+        def run(x: np.ndarray) -> np.ndarray:
+            t0 = time.thread_time()
+            try:
+                return forward(x)
+            finally:
+                self.caller_s += time.thread_time() - t0
+
+        return run
+
+    def total_s(self) -> float:
+        return self.caller_s + engine_pool_cpu_s() - self._pool_start
+
+
+def get_engine(kind: str, model_path: str, threads: int, batch: int = MODEL_BATCH) -> Embedder:
+    """The process-wide engine for (kind, model, threads, batch); built on first use only. `batch` is the
+    photos per call the caller means to pass (TensorFlow's graph is traced for exactly that shape)."""
+    key = (kind, model_path, threads, batch if kind == "tf" else 0)
     if key not in _CACHE:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         if kind == "tf":
-            _CACHE[key] = _tf_engine(model_path, threads)
+            _CACHE[key] = _tf_engine(model_path, threads, batch)
         elif kind == "onnx":
             _CACHE[key] = _onnx_engine(model_path, threads)
         else:

@@ -49,13 +49,20 @@ def write_by_batch(
         return
     spark.conf.set("spark.sql.files.maxRecordsPerFile", str(rows_per_file))
     per_batch = files_per_batch(counts, rows_per_file)
-    rank = Window.partitionBy("batch_id").orderBy("path")
-    numbered = frame.select("batch_id", "path").withColumn(
-        "_file", F.floor((F.row_number().over(rank) - 1) / F.lit(rows_per_file)).cast("int")
-    )
+    if max(per_batch.values()) == 1:
+        # Every batch fits one file (the usual run): file number 0, no ranking window and no join, which
+        # would shuffle and sort the whole rows (vectors included) once more.
+        numbered = frame.withColumn("_file", F.lit(0))
+    else:
+        rank = Window.partitionBy("batch_id").orderBy("path")
+        numbered = frame.join(
+            frame.select("batch_id", "path").withColumn(
+                "_file", F.floor((F.row_number().over(rank) - 1) / F.lit(rows_per_file)).cast("int")
+            ),
+            ["batch_id", "path"],
+        )
     (
-        frame.join(numbered, ["batch_id", "path"])
-        .repartition(sum(per_batch.values()), "batch_id", "_file")
+        numbered.repartition(sum(per_batch.values()), "batch_id", "_file")
         .drop("_file")
         .write.mode("overwrite")
         .partitionBy(*partition_cols)
