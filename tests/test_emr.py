@@ -270,10 +270,16 @@ def test_failed_step_fails_the_run_and_still_terminates(emr: EmrHarness, emr_run
     staged_code_before = etags("artifacts/jobs/") | etags("artifacts/bootstrap/")
     known = set(clusters_by_id(emr))
 
+    broken = {"compute": "emr", "engine": "tf", "weights_uri": f"s3://{BUCKET}/{BROKEN_WEIGHTS}"}
+    # Other weights than the history's are refused at planning, before any cluster (plan.check_same_weights).
+    refused = run_dag(broken)
+    assert ti_states(refused)[("emr.create_cluster", -1)] == "upstream_failed"
+    assert set(clusters_by_id(emr)) == known
     with captured_log() as logged:
-        # engine=tf loads the weights inside the embed step (the onnx engine would fail earlier, while
-        # exporting the model at planning, before any cluster): the step itself must fail.
-        dagrun = run_dag({"compute": "emr", "engine": "tf", "weights_uri": f"s3://{BUCKET}/{BROKEN_WEIGHTS}"})
+        # A run that re-embeds every batch with these weights and refits passes that check and reaches
+        # the cluster: engine=tf then loads them inside the embed step (the onnx engine would fail
+        # earlier, exporting the model at planning), and the step itself must fail.
+        dagrun = run_dag({**broken, "refit": True, "force": True, "batch_ids": [E1, E2]})
     states = ti_states(dagrun)
     assert str(dagrun.state).endswith("failed")
     assert states[("emr.watch_steps", 0)] == "failed"  # embed failed
