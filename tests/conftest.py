@@ -136,6 +136,15 @@ def fresh_bucket() -> str:
     return BUCKET
 
 
+def weights_model_id() -> str:
+    """The model_id of the weights the tests stage, by the plan's own formula (plan.model_id_for)."""
+    import hashlib
+
+    from fruits.plan import model_id_for
+
+    return model_id_for(hashlib.sha256(WEIGHTS.read_bytes()).hexdigest())
+
+
 def save_bucket() -> dict[str, bytes]:
     """Every object of the test bucket, in memory: a small processed history (a few MB), so that tests
     which each need one pay for its DAG runs once, then restore_bucket() it."""

@@ -32,17 +32,12 @@ from conftest import (
     snapshot,
     task_states,
     upload_sample,
+    weights_model_id,
 )
 from fruits.layout import Layout
 
 B1, B2, B3 = "b1-training", "b2-test", "b3-not-ready"
 N_LABELS, PER_LABEL, TEST_PER_LABEL = 24, 3, 2
-
-
-def weights_model_id() -> str:
-    return (
-        "mobilenet_v2_1.0_224-imagenet-notop-avgpool@" + hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
-    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ vectors, so none are written. No EMR cluster is created here: the cost guard ref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,6 @@ import pytest
 from conftest import (
     BUCKET,
     ENDPOINT,
-    WEIGHTS,
     fresh_bucket,
     list_keys,
     read_json,
@@ -32,6 +30,7 @@ from conftest import (
     sample_files,
     task_states,
     upload_sample,
+    weights_model_id,
 )
 
 HISTORY_VERSION = "pca-history"
@@ -55,13 +54,6 @@ def _put_all(objects: dict[str, bytes]) -> None:
         list(pool.map(lambda kv: s3.put_object(Bucket=BUCKET, Key=kv[0], Body=kv[1]), objects.items()))
 
 
-# The model_id of the weights the tests stage (plan.check_same_weights refuses a refit over batches
-# embedded with other weights).
-HISTORY_MODEL_ID = (
-    "mobilenet_v2_1.0_224-imagenet-notop-avgpool@" + hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
-)
-
-
 def history_id(i: int) -> str:
     return f"history-2024-{i:05d}"
 
@@ -70,6 +62,7 @@ def seed_history(n: int, incoming: bool = True) -> list[str]:
     """What n processed batches leave behind: a ledger record each (as commit writes it), their incoming
     folders (a photo and _READY), a run summary, the model pointer and the model's folder."""
     ids = [history_id(i) for i in range(n)]
+    model_id = weights_model_id()
     objects: dict[str, bytes] = {}
     for b in ids:
         record = {
@@ -79,7 +72,7 @@ def seed_history(n: int, incoming: bool = True) -> list[str]:
             "rejected": 0,
             "labels": {f"Variety {j}": 10 for j in range(4)},
             "ignored_hidden_files": [],
-            "model_id": HISTORY_MODEL_ID,  # the staged weights': a refit never mixes weights
+            "model_id": model_id,  # the staged weights': a refit never mixes weights
             "pca_version": HISTORY_VERSION,
             "pca_k": 64,
             "embeddings": f"s3://{BUCKET}/embeddings/batch_id={b}/",
