@@ -367,11 +367,7 @@ def update_fit_sample(spark: SparkSession, args: argparse.Namespace, batches: li
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    spark = SparkSession.builder.appName("fruits-embed").getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
-    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
-    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    spark = sparkio.session("fruits-embed")
     started = time.monotonic()
 
     engine_file = localise(spark, args.weights if args.engine == "tf" else args.onnx_model)

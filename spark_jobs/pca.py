@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -32,10 +33,10 @@ from pyspark import StorageLevel
 from pyspark.ml import PipelineModel
 from pyspark.ml.common import _py2java
 from pyspark.ml.feature import PCAModel, StandardScalerModel
-from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseMatrix, DenseVector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 log = sparkio.get_logger("fruits.pca")
 
@@ -132,6 +133,86 @@ def scree_png(explained: list[float], cumulative: list[float], k: int, target: f
     return buf.getvalue()
 
 
+# --- the model as arrays -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Projection:
+    """What the saved PipelineModel computes, as arrays: features = ((x - mean) * scale) @ components,
+    in float64, then float32 (Spark ML's StandardScalerModel.transform, then PCAModel.transform and
+    vector_to_array(float32)). Loading a PipelineModel costs a local step about 11 s of Spark ML reads
+    and class loading, for 2 vectors and a matrix (docs/performance.md): the step saves these arrays
+    beside it (PROJECTION_FILE) and transforms with numpy in the Python workers."""
+
+    mean: np.ndarray  # (dim,)
+    scale: np.ndarray  # (dim,): 1 / std, 0 where std is 0
+    components: np.ndarray  # (dim, k_fit): the principal components, by decreasing variance
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, scale=self.scale, components=self.components)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Projection:
+        with np.load(io.BytesIO(data)) as z:
+            return cls(z["mean"], z["scale"], z["components"])
+
+    @classmethod
+    def from_pipeline(cls, model: PipelineModel) -> Projection:
+        """From a saved model of a version fitted before PROJECTION_FILE existed."""
+        scaler, pca = model.stages
+        std = scaler.std.toArray()
+        scale = np.where(std != 0, 1.0 / np.where(std != 0, std, 1.0), 0.0)
+        return cls(scaler.mean.toArray(), scale, pca.pc.toArray())
+
+
+PROJECTION_FILE = "projection.npz"
+
+
+def load_projection(spark: SparkSession, version_root: str) -> Projection:
+    uri = f"{version_root}/{PROJECTION_FILE}"
+    if sparkio.exists(spark, uri):
+        return Projection.from_bytes(sparkio.read_bytes(spark, uri))
+    log.info(
+        "no %s in %s (fitted before it existed): loading the Spark ML model", PROJECTION_FILE, version_root
+    )
+    return Projection.from_pipeline(PipelineModel.load(f"{version_root}/spark_model"))
+
+
+FEATURES_ARROW = pa.list_(pa.field("element", pa.float32(), nullable=False))
+
+
+def project(frame: DataFrame, projection: Projection, k: int) -> DataFrame:
+    """The embeddings' columns but the vector, and `features`: the first k components of each, computed
+    one Arrow batch at a time (one matrix product) in the Python workers."""
+    dim = len(projection.mean)
+    # Shipped once per executor, not pickled into every task (up to 1280 x 256 float64: 2.6 MB).
+    shared = frame.sparkSession.sparkContext.broadcast(
+        (projection.mean, projection.scale, np.ascontiguousarray(projection.components[:, :k]))
+    )
+    keep = ["batch_id", "path", "label", "content_sha256", "model_id"]
+    schema = pa.schema([*((c, pa.string()) for c in keep), ("features", FEATURES_ARROW)])
+
+    def per_batch(batches):
+        mean, scale, components = shared.value
+        for batch in batches:
+            col = batch.column("embedding")
+            if col.null_count:
+                raise ValueError(
+                    "pca: null embedding vectors in the input (the embed step never writes them)"
+                )
+            x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), dim)
+            y = (((x - mean) * scale) @ components).astype(np.float32)
+            offsets = pa.array(np.arange(0, (len(col) + 1) * k, k, dtype=np.int32))
+            features = pa.ListArray.from_arrays(offsets, pa.array(y.reshape(-1)), type=FEATURES_ARROW)
+            yield pa.RecordBatch.from_arrays([*(batch.column(c) for c in keep), features], schema=schema)
+
+    out = T.StructType(
+        [*(T.StructField(c, T.StringType()) for c in keep)]
+        + [T.StructField("features", T.ArrayType(T.FloatType(), containsNull=False))]
+    )
+    return frame.select(*keep, "embedding").mapInArrow(per_batch, out)
+
+
 # --- the fit ------------------------------------------------------------------------------------------
 def moments(frame: DataFrame, dim: int = EMBEDDING_DIM) -> tuple[int, np.ndarray, np.ndarray]:
     """(n, mean, scatter matrix sum (x - mean)(x - mean)^T) of the `embedding` column, float64: one
@@ -171,7 +252,8 @@ def _merge(na: int, ma: np.ndarray, m2a: np.ndarray, nb: int, mb: np.ndarray, m2
 def fitted_pipeline(spark: SparkSession, n: int, mean: np.ndarray, m2: np.ndarray, k_fit: int):
     """The same model Spark ML's StandardScaler(withMean, withStd) + PCA would fit on these rows (sample
     std; zero-variance dims scaled to 0; explained variance = eigenvalue / trace), built from the
-    moments, and returned as a Spark ML PipelineModel (saved and loaded as any other)."""
+    moments: as a Spark ML PipelineModel (saved, for anyone to load as any other) and as the Projection
+    the step transforms with."""
     cov = m2 / (n - 1)
     std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
@@ -198,7 +280,8 @@ def fitted_pipeline(spark: SparkSession, n: int, mean: np.ndarray, m2: np.ndarra
         scaler.set(scaler.getParam(param), value)
     for param, value in (("inputCol", "scaled"), ("outputCol", "pca"), ("k", k_fit)):
         pca.set(pca.getParam(param), value)
-    return PipelineModel([scaler, pca]), [float(v) for v in ratio[:k_fit]]
+    projection = Projection(mean, inv, np.ascontiguousarray(vectors[:, :k_fit]))
+    return PipelineModel([scaler, pca]), projection, [float(v) for v in ratio[:k_fit]]
 
 
 def fit_sample(
@@ -248,7 +331,7 @@ def fit(spark: SparkSession, args: argparse.Namespace, fit_batches: list[str]) -
     sampled_batches = sorted(r[0] for r in rows.select("batch_id").distinct().collect())
     n, mean, m2 = moments(rows)
     rows.unpersist()
-    model, explained = fitted_pipeline(spark, n, mean, m2, k_fit)
+    model, projection, explained = fitted_pipeline(spark, n, mean, m2, k_fit)
     cumulative, total = [], 0.0
     for v in explained:
         total += v
@@ -257,6 +340,7 @@ def fit(spark: SparkSession, args: argparse.Namespace, fit_batches: list[str]) -
     target = None if args.k is not None else args.variance_target
     version_root = f"{args.model_root.rstrip('/')}/{args.version}"
     model.write().overwrite().save(f"{version_root}/spark_model")
+    sparkio.write_bytes(spark, f"{version_root}/{PROJECTION_FILE}", projection.to_bytes())
     pattern = re.compile(args.test_batch_pattern, re.IGNORECASE)
     meta = {
         "version": args.version,
@@ -296,7 +380,7 @@ def load(spark: SparkSession, args: argparse.Namespace) -> dict:
 
 # --- the transform, in chunks ----------------------------------------------------------------------------
 def transform_chunk(
-    spark: SparkSession, args: argparse.Namespace, model: PipelineModel, k: int, chunk: list[str], out: str
+    spark: SparkSession, args: argparse.Namespace, projection: Projection, k: int, chunk: list[str], out: str
 ) -> tuple[dict, DataFrame | None]:
     """Transform one chunk of batches, write it (ceil(rows / 20,000) files per batch), read it back for
     the checks; returns ({batch: checks}, the chunk's offer to the report sample)."""
@@ -309,12 +393,12 @@ def transform_chunk(
         return nothing, None
     emb = emb.persist(StorageLevel.MEMORY_AND_DISK)  # read from S3 once per chunk
     counts = {r["batch_id"]: int(r["count"]) for r in emb.groupBy("batch_id").count().collect()}
-    features = model.transform(emb.withColumn("vec", array_to_vector("embedding"))).select(
+    features = project(emb, projection, k).select(
         "batch_id",
         "path",
         "label",
         "content_sha256",
-        F.slice(vector_to_array("pca", "float32"), 1, k).alias("features"),
+        "features",
         F.lit(args.version).alias("pca_version"),
         "model_id",
     )
@@ -358,16 +442,12 @@ def transform_chunk(
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    spark = SparkSession.builder.appName("fruits-pca").getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
-    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
-    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    spark = sparkio.session("fruits-pca")
     started = time.monotonic()
     fit_batches, batches = read_batches(spark, args)
     meta = fit(spark, args, fit_batches) if args.fit else load(spark, args)
     fit_s = time.monotonic() - started
-    model = PipelineModel.load(f"{args.model_root.rstrip('/')}/{args.version}/spark_model")
+    projection = load_projection(spark, f"{args.model_root.rstrip('/')}/{args.version}")
     k = int(meta["k"])
 
     out = f"{args.features_root.rstrip('/')}/pca_version={args.version}"
@@ -376,7 +456,7 @@ def main(argv: list[str]) -> int:
     size = args.report_sample_rows
     for i in range(0, len(batches), args.chunk_batches):
         chunk = batches[i : i + args.chunk_batches]
-        chunk_checks, offer = transform_chunk(spark, args, model, k, chunk, out)
+        chunk_checks, offer = transform_chunk(spark, args, projection, k, chunk, out)
         checks.update(chunk_checks)
         if offer is not None:  # keep only what can be in the sample: bounded whatever the chunks
             merged = offer if offered is None else offered.unionByName(offer)

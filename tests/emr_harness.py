@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -539,8 +539,9 @@ class EmrHarness:
         step.state = "RUNNING"
         step.start()
         started = time.monotonic()
+        publish = None
         try:
-            argv, env = self._local_argv(cluster, step)
+            argv, env, publish = self._local_argv(cluster, step)
             proc = subprocess.run(
                 argv,
                 env={**os.environ, **env},
@@ -552,6 +553,8 @@ class EmrHarness:
             code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         except Exception:
             argv, code, stdout, stderr = list(step.args), 1, "", traceback.format_exc()
+        if publish:
+            publish(code == 0)
         tail = [line for line in stderr.splitlines() if line.strip()][-40:]
         self.step_runs.append(
             StepRun(cluster.id, step.id, step.name, argv, code, time.monotonic() - started, tail)
@@ -583,10 +586,13 @@ class EmrHarness:
             cluster.terminate()
             cluster.state = "TERMINATED_WITH_ERRORS"
 
-    def _local_argv(self, cluster: Any, step: Any) -> tuple[list[str], dict[str, str]]:
-        """The step's own argv, made runnable here (see the module docstring for what changes)."""
+    def _local_argv(
+        self, cluster: Any, step: Any
+    ) -> tuple[list[str], dict[str, str], Callable[[bool], None]]:
+        """The step's own argv, made runnable here (see the module docstring for what changes), and what
+        to call when it has run (the local steps' JVM class archive, as run_local_step uses it)."""
         from fruits.config import settings
-        from fruits.local_compute import s3a_conf_and_env
+        from fruits.local_compute import class_archive, s3a_conf_and_env
         from fruits.spark_submit import s3_to_s3a
 
         args = list(step.args)
@@ -600,6 +606,9 @@ class EmrHarness:
         s = settings()
         s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
         local = {**s3a_conf, "spark.driver.memory": "2g"}  # this machine, not the primary node
+        archive_options, publish = class_archive(s, Path(script).stem, local)
+        if archive_options:
+            local["spark.driver.extraJavaOptions"] = archive_options
         argv = [str(Path(s.spark_python).parent / "spark-submit"), "--master", self.spark_master, *options]
         for key in sorted(local):
             argv += ["--conf", f"{key}={local[key]}"]
@@ -611,7 +620,7 @@ class EmrHarness:
         ]
         # The step runs as the instance role, not as the Airflow connection's principal.
         env = {**env, **self.instance_keys(cluster)}
-        return argv, env
+        return argv, env, publish
 
     def _download(self, cluster: Any, uri: str, folder: str) -> Path:
         bucket, _, key = uri.removeprefix("s3://").partition("/")

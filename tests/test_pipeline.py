@@ -121,6 +121,20 @@ def test_full_run_outputs(first_run):
     var = fv.var(axis=0)
     assert all(var[i] >= var[i + 1] * 0.999 for i in range(k - 1))
 
+    # The features are what the saved Spark ML PipelineModel computes: its StandardScaler and PCA
+    # stages, read from the model's own Parquet files (not from the step's projection.npz), applied to
+    # the embeddings, equal the features written.
+    model = f"models/pca/{current['version']}/spark_model/stages/"
+    scaler = read_parquet(model + "0_fruits_scaler/data/").to_pylist()[0]
+    pc = read_parquet(model + "1_fruits_pca/data/").to_pylist()[0]["pc"]
+    assert not pc["isTransposed"] and pc["numRows"] == 1280  # dense, column-major
+    components = np.array(pc["values"]).reshape(pc["numCols"], pc["numRows"]).T[:, :k]
+    mean, std = np.array(scaler["mean"]["values"]), np.array(scaler["std"]["values"])
+    emb_by_path = dict(zip(emb.column("path").to_pylist(), vectors, strict=True))
+    x = np.array([emb_by_path[p] for p in feats.column("path").to_pylist()], dtype=np.float64)
+    expected = ((x - mean) * np.where(std > 0, 1 / np.where(std > 0, std, 1), 0)) @ components
+    np.testing.assert_allclose(fv, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
     record = read_json(f"ledger/batches/{B1}.json")
     assert (record["files"], record["embedded"], record["rejected"]) == (len(files), len(files), 0)
     assert record["pca_version"] == current["version"] and record["pca_k"] == k

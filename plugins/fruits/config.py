@@ -123,6 +123,11 @@ class Settings:
     work_dir: Path = field(
         default_factory=lambda: Path(_env("FRUITS_WORK_DIR", str(REPO_ROOT / ".cache" / "work")))
     )
+    # The local steps' JVM class archives (fruits.local_compute.class_archive): shared by every run on the
+    # machine, tests and bench included; "" turns them off.
+    jvm_archive_dir: str = field(
+        default_factory=lambda: _env("FRUITS_JVM_ARCHIVE_DIR", str(REPO_ROOT / ".cache" / "jvm"))
+    )
     claim_lease_s: int = field(default_factory=lambda: int(_env("FRUITS_CLAIM_LEASE_S", str(6 * 3600))))
     # Run report: a batch whose id holds the token "test" is held-out data for the linear probe; the
     # probe and the scatter read at most this many rows per split (a deterministic sample by path).

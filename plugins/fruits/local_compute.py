@@ -3,8 +3,14 @@ endpoint of the Airflow AWS connection (moto locally, MinIO in docker-compose, o
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from pathlib import Path
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -28,7 +34,10 @@ def s3a_conf_and_env(aws_conn_id: str, s: Settings) -> tuple[dict[str, str], dic
     if missing:
         raise FileNotFoundError(f"Spark s3a jars missing: {missing}. Run `make jars` (make demo does it).")
     conf = {
-        "spark.jars": ",".join(str(j) for j in jars),
+        # On the JVM's own class path rather than spark.jars: a local driver is its own executor, so
+        # nothing has to be copied to it (spark.jars copies the 190 MB SDK bundle into every run's
+        # scratch folder), and the classes can go into the class archive (class_archive).
+        "spark.driver.extraClassPath": ":".join(str(j) for j in jars),
         "spark.hadoop.fs.s3a.endpoint": endpoint,
         "spark.hadoop.fs.s3a.path.style.access": "true",
         "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
@@ -59,12 +68,71 @@ def run_local_step(
     s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
     bundle = local_bundle(s.jobs_dir, s.work_dir)
     spark_submit = str(Path(s.spark_python).parent / "spark-submit")
+    conf = {**tuning.conf(), **s3a_conf}
+    archive_options, publish_archive = class_archive(s, step, conf)
+    java_options = conf.get("spark.driver.extraJavaOptions", "")
+    conf["spark.driver.extraJavaOptions"] = f"{java_options} {archive_options}".strip()
     argv = spark_submit_argv(
-        step,
-        s3_to_s3a(job_args),
-        bundle,
-        {**tuning.conf(), **s3a_conf},
-        master=tuning.master,
-        spark_submit=spark_submit,
+        step, s3_to_s3a(job_args), bundle, conf, master=tuning.master, spark_submit=spark_submit
     )
-    run_spark_submit(argv, {**env, **tuning.env}, logger)
+    try:
+        run_spark_submit(argv, {**env, **tuning.env}, logger)
+    except BaseException:
+        publish_archive(False)
+        raise
+    publish_archive(True)
+
+
+def class_archive(s: Settings, step: str, conf: dict[str, str]) -> tuple[str, Callable[[bool], None]]:
+    """JVM options for a class archive (AppCDS) of this step, and what to call once the JVM has exited.
+
+    A local step is a short-lived JVM that spends seconds loading and verifying the same Spark, Hadoop
+    and AWS SDK classes every run (docs/performance.md: a no-op spark-submit, 13.3 s -> 7.5 s with the
+    archive). The first run of a step on a machine writes the archive of the classes it loaded
+    (-XX:ArchiveClassesAtExit, about 20 s more, once), later runs map it (-XX:SharedArchiveFile). Its name
+    hashes what the archive is only valid for: the Java binary, the Spark version, the class path. If the
+    JVM still finds it stale it ignores it (-Xshare:auto, the default) and runs as without it."""
+    if not s.jvm_archive_dir:
+        return "", lambda ok: None
+    java_home = os.environ.get("JAVA_HOME")
+    java = Path(java_home, "bin", "java") if java_home else Path(shutil.which("java") or "java")
+    try:
+        stat = java.resolve().stat()
+        key = [str(java.resolve()), str(stat.st_size), str(stat.st_mtime_ns), version("pyspark"), step]
+    except (OSError, PackageNotFoundError):
+        return "", lambda ok: None  # no Java or no Spark here: spark-submit will say so itself
+    key.append(conf.get("spark.driver.extraClassPath", ""))
+    if any(d.is_dir() and any(d.iterdir()) for d in _class_path_dirs(conf)):
+        return "", lambda ok: None  # the JVM cannot archive with one, and fails the step at exit
+    folder = Path(s.jvm_archive_dir)
+    archive = folder / f"{step}-{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:16]}.jsa"
+    quiet = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # the dump lists every class it skips
+    if archive.exists():
+        return f"-XX:SharedArchiveFile={archive} {quiet}", lambda ok: None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only install: run without
+        return "", lambda ok: None
+    partial = archive.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # two first runs at once: one each
+
+    def publish(ok: bool) -> None:
+        """Kept from a step that succeeded only: a JVM killed while it wrote leaves half an archive."""
+        if ok and partial.exists():
+            partial.replace(archive)
+        else:
+            partial.unlink(missing_ok=True)
+
+    return f"-XX:ArchiveClassesAtExit={partial} {quiet}", publish
+
+
+def _class_path_dirs(conf: dict[str, str]) -> list[Path]:
+    """The folders spark-submit puts on the driver's class path (Spark's launcher: the conf folder, then
+    HADOOP_CONF_DIR, YARN_CONF_DIR, SPARK_DIST_CLASSPATH, and spark.driver.extraClassPath)."""
+    env = os.environ
+    spec = find_spec("pyspark")
+    home = env.get("SPARK_HOME") or (str(Path(spec.origin).parent) if spec and spec.origin else "")
+    entries = [env.get("SPARK_CONF_DIR") or (f"{home}/conf" if home else "")]
+    entries += [env.get("HADOOP_CONF_DIR", ""), env.get("YARN_CONF_DIR", "")]
+    entries += env.get("SPARK_DIST_CLASSPATH", "").split(":")
+    entries += conf.get("spark.driver.extraClassPath", "").split(":")
+    return [Path(e) for e in entries if e and not e.endswith((".jar", "*"))]

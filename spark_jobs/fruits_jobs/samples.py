@@ -32,6 +32,7 @@ from fruits_jobs.tables import path_hash
 
 MAX_DELTAS = 8  # each delta is a few more requests for every reader; a compaction rewrites <= N rows
 NOT_FULL = 2.0  # above any hash: every row of a stratum that is not full yet is kept
+STRATA_PARTITIONS = 2  # the strata: one for the fit sample, Training and Test for the report's
 
 
 def read_pointer(spark: SparkSession, uri: str) -> dict[str, Any]:
@@ -80,6 +81,10 @@ def _ranked(frame: DataFrame, size: int, stratum_col: str) -> DataFrame:
     return (
         frame.withColumn("_n", F.row_number().over(newest))
         .where("_n = 1")
+        # One or two strata: as many partitions, not spark.sql.shuffle.partitions (200), which adaptive
+        # execution does not coalesce in the last stage of a cached plan: 2 x 200 tasks, nearly all
+        # empty, were about 7 s of every small step (docs/performance.md).
+        .repartition(STRATA_PARTITIONS, stratum_col)
         .withColumn("_r", F.row_number().over(first))
         .where(F.col("_r") <= size)
     )

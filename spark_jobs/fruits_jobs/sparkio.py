@@ -17,6 +17,16 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def session(app_name: str) -> SparkSession:
+    """The steps' SparkSession, with the settings both rely on."""
+    spark = SparkSession.builder.appName(app_name).getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+    # batch_id=2026 read back is the string "2026", as the manifest and the batch lists name it
+    spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    return spark
+
+
 def _fs_and_path(spark: SparkSession, uri: str):
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(uri)
@@ -48,6 +58,15 @@ def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
     stream = fs.create(path, True)
     try:
         stream.write(bytearray(data))
+    finally:
+        stream.close()
+
+
+def read_bytes(spark: SparkSession, uri: str) -> bytes:
+    fs, path = _fs_and_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        return bytes(spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
     finally:
         stream.close()
 

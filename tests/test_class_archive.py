@@ -1,0 +1,60 @@
+"""The local steps' JVM class archive (fruits.local_compute.class_archive): written by a step's first
+run on the machine, mapped by the next ones, never kept from a failed run. Real files in a temporary
+folder; the JVM itself is exercised by every local DAG run of the suite (test_pipeline and others)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from fruits.config import settings
+from fruits.local_compute import class_archive
+
+pytestmark = pytest.mark.fast
+
+
+def archive_path(options: str, flag: str) -> str:
+    found = [o.split("=", 1)[1] for o in options.split() if o.startswith(flag + "=")]
+    assert len(found) == 1, options
+    return found[0]
+
+
+def test_first_run_writes_the_archive_next_runs_map_it(tmp_path):
+    s = dataclasses.replace(settings(), jvm_archive_dir=str(tmp_path))
+    conf = {"spark.driver.extraClassPath": "/jars/a.jar:/jars/b.jar"}
+    options, publish = class_archive(s, "embed", conf)
+    partial = tmp_path / archive_path(options, "-XX:ArchiveClassesAtExit")
+    partial.write_bytes(b"archive")  # what the JVM writes at exit
+    publish(True)
+    [archive] = tmp_path.glob("embed-*.jsa")
+    assert archive.read_bytes() == b"archive" and not partial.exists()
+
+    options, _ = class_archive(s, "embed", conf)
+    assert archive_path(options, "-XX:SharedArchiveFile") == str(archive)
+    assert "-Xlog:cds=off" in options.split()
+    # Another step, or another class path, is another archive: not mapped before it is written.
+    assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "pca", conf)[0]
+    other = {"spark.driver.extraClassPath": "/jars/a.jar"}
+    assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "embed", other)[0]
+
+
+def test_a_failed_run_leaves_no_archive_and_empty_setting_turns_it_off(tmp_path):
+    s = dataclasses.replace(settings(), jvm_archive_dir=str(tmp_path))
+    options, publish = class_archive(s, "pca", {})
+    partial = tmp_path / archive_path(options, "-XX:ArchiveClassesAtExit")
+    partial.write_bytes(b"half an archive")
+    publish(False)
+    assert list(tmp_path.iterdir()) == []
+    assert class_archive(dataclasses.replace(s, jvm_archive_dir=""), "pca", {})[0] == ""
+
+
+def test_no_archive_with_a_folder_of_files_on_the_class_path(tmp_path, monkeypatch):
+    """The JVM refuses to write an archive when a non-empty folder is on the class path, and then fails
+    at exit: a step that had succeeded would fail. A SPARK_CONF_DIR with a spark-defaults.conf is one."""
+    s = dataclasses.replace(settings(), jvm_archive_dir=str(tmp_path / "jvm"))
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    monkeypatch.setenv("SPARK_CONF_DIR", str(conf_dir))
+    assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "embed", {})[0]  # empty: allowed
+    (conf_dir / "spark-defaults.conf").write_text("spark.eventLog.enabled true\n")
+    assert class_archive(s, "embed", {})[0] == ""
