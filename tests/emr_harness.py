@@ -604,7 +604,7 @@ class EmrHarness:
             raise ValueError("an EMR step must not set --master: the cluster's YARN is the master")
         folder = f"{cluster.id}-{step.id}"
         s = settings()
-        s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
+        s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s, self.spark_master)
         local = {**s3a_conf, "spark.driver.memory": "2g"}  # this machine, not the primary node
         archive_options, publish = class_archive(s, Path(script).stem, local)
         if archive_options:

@@ -58,3 +58,18 @@ def test_no_archive_with_a_folder_of_files_on_the_class_path(tmp_path, monkeypat
     assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "embed", {})[0]  # empty: allowed
     (conf_dir / "spark-defaults.conf").write_text("spark.eventLog.enabled true\n")
     assert class_archive(s, "embed", {})[0] == ""
+
+
+def test_s3a_jars_on_the_class_path_locally_shipped_to_a_cluster(tmp_path):
+    """A local driver is its own executor: the s3a jars go on its class path (and so into the archive).
+    A Spark cluster's executors (docker-compose's worker) need them shipped: spark.jars."""
+    from fruits.local_compute import SPARK_JARS, s3a_conf_and_env
+
+    for jar in SPARK_JARS:
+        (tmp_path / jar).write_bytes(b"")
+    s = dataclasses.replace(settings(), spark_jars_dir=tmp_path)
+    jars = [str(tmp_path / jar) for jar in SPARK_JARS]
+    local, _ = s3a_conf_and_env(s.aws_conn_id, s, "local[2]")
+    assert local["spark.driver.extraClassPath"] == ":".join(jars) and "spark.jars" not in local
+    cluster, _ = s3a_conf_and_env(s.aws_conn_id, s, "spark://spark-master:7077")
+    assert cluster["spark.jars"] == ",".join(jars) and "spark.driver.extraClassPath" not in cluster

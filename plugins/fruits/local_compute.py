@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 SPARK_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 
 
-def s3a_conf_and_env(aws_conn_id: str, s: Settings) -> tuple[dict[str, str], dict[str, str]]:
-    """Spark's s3a settings from the Airflow connection. Keys travel in the child's environment, never
-    on its command line."""
+def s3a_conf_and_env(aws_conn_id: str, s: Settings, master: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Spark's s3a settings from the Airflow connection, for a spark-submit to `master`. Keys travel in
+    the child's environment, never on its command line."""
     hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3")
     creds = hook.get_credentials()
     endpoint = hook.conn_config.get_service_endpoint_url("s3") or f"https://s3.{s.region}.amazonaws.com"
@@ -33,11 +33,13 @@ def s3a_conf_and_env(aws_conn_id: str, s: Settings) -> tuple[dict[str, str], dic
     missing = [str(j) for j in jars if not j.exists()]
     if missing:
         raise FileNotFoundError(f"Spark s3a jars missing: {missing}. Run `make jars` (make demo does it).")
+    # A local master: on the JVM's own class path rather than in spark.jars. The driver is its own
+    # executor, so nothing has to be copied to it (spark.jars copies the 190 MB SDK bundle into every
+    # run's scratch folder), and the classes can go into the class archive (class_archive). A cluster's
+    # executors (docker-compose's Spark worker) get them through spark.jars.
+    key = "spark.driver.extraClassPath" if master.startswith("local") else "spark.jars"
     conf = {
-        # On the JVM's own class path rather than spark.jars: a local driver is its own executor, so
-        # nothing has to be copied to it (spark.jars copies the 190 MB SDK bundle into every run's
-        # scratch folder), and the classes can go into the class archive (class_archive).
-        "spark.driver.extraClassPath": ":".join(str(j) for j in jars),
+        key: (":" if key == "spark.driver.extraClassPath" else ",").join(str(j) for j in jars),
         "spark.hadoop.fs.s3a.endpoint": endpoint,
         "spark.hadoop.fs.s3a.path.style.access": "true",
         "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
@@ -65,7 +67,7 @@ def run_local_step(
 ) -> None:
     """`tuning` defaults to the one derived from this machine's cores; the bench passes others."""
     tuning = tuning or local_tuning(s.spark_master, native_blas=s.native_blas_dir)
-    s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s)
+    s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s, tuning.master or s.spark_master)
     bundle = local_bundle(s.jobs_dir, s.work_dir)
     spark_submit = str(Path(s.spark_python).parent / "spark-submit")
     conf = {**tuning.conf(), **s3a_conf}
