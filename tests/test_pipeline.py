@@ -62,6 +62,10 @@ def later_runs(first_run):
     new_files = sample_files("Test", labels=N_LABELS, per_label=TEST_PER_LABEL)
     upload_sample(B2, new_files)
     upload_sample(B3, sample_files("Test", labels=2, per_label=2, offset=TEST_PER_LABEL), ready=False)
+    # A model fitted before the step saved projection.npz beside its PipelineModel (any history from
+    # before that change): the transform falls back to the PipelineModel.
+    version = read_json("models/pca/CURRENT.json")["version"]
+    s3_hook().delete_objects(BUCKET, [f"models/pca/{version}/projection.npz"])
     second = run_dag({"batch_ids": None})
     return {
         "before": before,
@@ -121,25 +125,33 @@ def test_full_run_outputs(first_run):
     var = fv.var(axis=0)
     assert all(var[i] >= var[i + 1] * 0.999 for i in range(k - 1))
 
-    # The features are what the saved Spark ML PipelineModel computes: its StandardScaler and PCA
-    # stages, read from the model's own Parquet files (not from the step's projection.npz), applied to
-    # the embeddings, equal the features written.
-    model = f"models/pca/{current['version']}/spark_model/stages/"
-    scaler = read_parquet(model + "0_fruits_scaler/data/").to_pylist()[0]
-    pc = read_parquet(model + "1_fruits_pca/data/").to_pylist()[0]["pc"]
-    assert not pc["isTransposed"] and pc["numRows"] == 1280  # dense, column-major
-    components = np.array(pc["values"]).reshape(pc["numCols"], pc["numRows"]).T[:, :k]
-    mean, std = np.array(scaler["mean"]["values"]), np.array(scaler["std"]["values"])
-    emb_by_path = dict(zip(emb.column("path").to_pylist(), vectors, strict=True))
-    x = np.array([emb_by_path[p] for p in feats.column("path").to_pylist()], dtype=np.float64)
-    expected = ((x - mean) * np.where(std > 0, 1 / np.where(std > 0, std, 1), 0)) @ components
-    np.testing.assert_allclose(fv, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert_features_are_the_spark_models(current["version"], k, B1)
 
     record = read_json(f"ledger/batches/{B1}.json")
     assert (record["files"], record["embedded"], record["rejected"]) == (len(files), len(files), 0)
     assert record["pca_version"] == current["version"] and record["pca_k"] == k
     assert record["model_id"] == weights_model_id()
     assert not list_keys("ledger/claims/")  # released by the teardown
+
+
+def assert_features_are_the_spark_models(version: str, k: int, batch: str) -> None:
+    """The features written are what the saved Spark ML PipelineModel computes: its StandardScaler and
+    PCA stages, read from the model's own Parquet files (not from the step's projection.npz), applied
+    to the batch's embeddings."""
+    model = f"models/pca/{version}/spark_model/stages/"
+    scaler = read_parquet(model + "0_fruits_scaler/data/").to_pylist()[0]
+    pc = read_parquet(model + "1_fruits_pca/data/").to_pylist()[0]["pc"]
+    assert not pc["isTransposed"] and pc["numRows"] == 1280  # dense, column-major
+    components = np.array(pc["values"]).reshape(pc["numCols"], pc["numRows"]).T[:, :k]
+    mean, std = np.array(scaler["mean"]["values"]), np.array(scaler["std"]["values"])
+    emb = read_parquet(f"embeddings/batch_id={batch}/")
+    feats = read_parquet(f"features/pca_version={version}/batch_id={batch}/")
+    by_path = dict(zip(emb.column("path").to_pylist(), emb.column("embedding").to_pylist(), strict=True))
+    x = np.array([by_path[p] for p in feats.column("path").to_pylist()], dtype=np.float32).astype(np.float64)
+    expected = ((x - mean) * np.where(std > 0, 1 / np.where(std > 0, std, 1), 0)) @ components
+    got = np.array(feats.column("features").to_pylist(), dtype=np.float32)
+    assert got.shape == expected.shape == (emb.num_rows, k)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_incremental_runs(first_run, later_runs):
@@ -172,6 +184,10 @@ def test_incremental_runs(first_run, later_runs):
     assert read_json(f"ledger/batches/{B2}.json")["pca_version"] == current["version"]
     assert read_json(f"ledger/batches/{B1}.json")["pca_version"] == current["version"]
     assert len({k.split("/")[2] for k in list_keys("models/pca/") if k.endswith("metadata.json")}) == 1
+    # The model had lost its projection.npz before this run, as a model fitted before that file existed:
+    # the step read its arrays from the Spark ML PipelineModel, and the features are still that model's.
+    assert not list_keys(f"models/pca/{current['version']}/projection.npz")
+    assert_features_are_the_spark_models(current["version"], current["k"], B2)
 
 
 def test_embeddings_equal_direct_keras(first_run):
