@@ -24,19 +24,19 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 from fruits_jobs import samples, sparkio, tables
 from fruits_jobs.engine import EMBEDDING_DIM
 from pyspark import StorageLevel
-from pyspark.ml import PipelineModel
-from pyspark.ml.common import _py2java
-from pyspark.ml.feature import PCAModel, StandardScalerModel
-from pyspark.ml.linalg import DenseMatrix, DenseVector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+
+if TYPE_CHECKING:
+    from pyspark.ml import PipelineModel
 
 log = sparkio.get_logger("fruits.pca")
 
@@ -175,6 +175,8 @@ def load_projection(spark: SparkSession, version_root: str) -> Projection:
     log.info(
         "no %s in %s (fitted before it existed): loading the Spark ML model", PROJECTION_FILE, version_root
     )
+    from pyspark.ml import PipelineModel  # about 1 s of imports (scipy): only where a model is loaded
+
     return Projection.from_pipeline(PipelineModel.load(f"{version_root}/spark_model"))
 
 
@@ -254,6 +256,11 @@ def fitted_pipeline(spark: SparkSession, n: int, mean: np.ndarray, m2: np.ndarra
     std; zero-variance dims scaled to 0; explained variance = eigenvalue / trace), built from the
     moments: as a Spark ML PipelineModel (saved, for anyone to load as any other) and as the Projection
     the step transforms with."""
+    from pyspark.ml import PipelineModel  # about 1 s of imports (scipy): only where a model is fitted
+    from pyspark.ml.common import _py2java
+    from pyspark.ml.feature import PCAModel, StandardScalerModel
+    from pyspark.ml.linalg import DenseMatrix, DenseVector
+
     cov = m2 / (n - 1)
     std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
