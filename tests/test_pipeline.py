@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from chromium import browser
 from conftest import (
@@ -125,7 +126,7 @@ def test_full_run_outputs(first_run):
     var = fv.var(axis=0)
     assert all(var[i] >= var[i + 1] * 0.999 for i in range(k - 1))
 
-    assert_features_are_the_spark_models(current["version"], k, B1)
+    assert_features_are_the_spark_models(current["version"], k, emb, feats)
 
     record = read_json(f"ledger/batches/{B1}.json")
     assert (record["files"], record["embedded"], record["rejected"]) == (len(files), len(files), 0)
@@ -134,18 +135,16 @@ def test_full_run_outputs(first_run):
     assert not list_keys("ledger/claims/")  # released by the teardown
 
 
-def assert_features_are_the_spark_models(version: str, k: int, batch: str) -> None:
-    """The features written are what the saved Spark ML PipelineModel computes: its StandardScaler and
-    PCA stages, read from the model's own Parquet files (not from the step's projection.npz), applied
-    to the batch's embeddings."""
+def assert_features_are_the_spark_models(version: str, k: int, emb: pa.Table, feats: pa.Table) -> None:
+    """The features written (`feats`, one batch's) are what the saved Spark ML PipelineModel computes:
+    its StandardScaler and PCA stages, read from the model's own Parquet files (not from the step's
+    projection.npz), applied to the batch's embeddings (`emb`)."""
     model = f"models/pca/{version}/spark_model/stages/"
     scaler = read_parquet(model + "0_fruits_scaler/data/").to_pylist()[0]
     pc = read_parquet(model + "1_fruits_pca/data/").to_pylist()[0]["pc"]
     assert not pc["isTransposed"] and pc["numRows"] == 1280  # dense, column-major
     components = np.array(pc["values"]).reshape(pc["numCols"], pc["numRows"]).T[:, :k]
     mean, std = np.array(scaler["mean"]["values"]), np.array(scaler["std"]["values"])
-    emb = read_parquet(f"embeddings/batch_id={batch}/")
-    feats = read_parquet(f"features/pca_version={version}/batch_id={batch}/")
     by_path = dict(zip(emb.column("path").to_pylist(), emb.column("embedding").to_pylist(), strict=True))
     x = np.array([by_path[p] for p in feats.column("path").to_pylist()], dtype=np.float32).astype(np.float64)
     expected = ((x - mean) * np.where(std > 0, 1 / np.where(std > 0, std, 1), 0)) @ components
@@ -187,7 +186,8 @@ def test_incremental_runs(first_run, later_runs):
     # The model had lost its projection.npz before this run, as a model fitted before that file existed:
     # the step read its arrays from the Spark ML PipelineModel, and the features are still that model's.
     assert not list_keys(f"models/pca/{current['version']}/projection.npz")
-    assert_features_are_the_spark_models(current["version"], current["k"], B2)
+    feats2 = read_parquet(f"features/pca_version={current['version']}/batch_id={B2}/")
+    assert_features_are_the_spark_models(current["version"], current["k"], emb2, feats2)
 
 
 def test_embeddings_equal_direct_keras(first_run):
