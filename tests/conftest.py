@@ -62,6 +62,29 @@ for p in (REPO / "plugins", REPO / "spark_jobs", REPO / "dags"):
         sys.path.insert(0, str(p))
 
 
+# The modules with whole DAG runs, longest first (seconds in CI, where the suite spends them). `make test`
+# runs the suite on two pytest-xdist workers, one module per worker at a time (--dist loadfile, because a
+# module's fixtures build one history for its tests): started first, the long ones do not end up alone
+# at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_emr.py",  # ~500 s
+    "test_scale.py",  # ~300 s
+    "test_recovery.py",  # ~300 s
+    "test_faults.py",  # ~250 s
+    "test_scale_outputs.py",  # ~230 s
+    "test_pipeline.py",  # ~180 s
+    "test_hostile_batch.py",  # ~140 s
+    "test_engines.py",  # ~160 s
+    "test_ui_stack.py",  # ~120 s
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the modules longest first; the tests inside a module keep their order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real moto S3/EMR server process on localhost, counting the requests it serves by operation
