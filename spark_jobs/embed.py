@@ -395,7 +395,7 @@ def main(argv: list[str]) -> int:
         files.where(F.col("reason").isNull())
         .select(*INPUT_COLUMNS)
         .repartition(parts)
-        .mapInArrow(embed, RESULT_SCHEMA)
+        .transform(lambda frame: sparkio.map_in_arrow(frame, embed, RESULT_SCHEMA))
     )
     by_path = files.where(F.col("reason").isNotNull()).select(
         "batch_id",

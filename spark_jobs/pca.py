@@ -212,7 +212,7 @@ def project(frame: DataFrame, projection: Projection, k: int) -> DataFrame:
         [*(T.StructField(c, T.StringType()) for c in keep)]
         + [T.StructField("features", T.ArrayType(T.FloatType(), containsNull=False))]
     )
-    return frame.select(*keep, "embedding").mapInArrow(per_batch, out)
+    return sparkio.map_in_arrow(frame.select(*keep, "embedding"), per_batch, out)
 
 
 # --- the fit ------------------------------------------------------------------------------------------
@@ -234,7 +234,9 @@ def moments(frame: DataFrame, dim: int = EMBEDDING_DIM) -> tuple[int, np.ndarray
         yield pa.RecordBatch.from_pydict({"n": [n], "mean": [mean.tobytes()], "m2": [m2.tobytes()]})
 
     n, mean, m2 = 0, np.zeros(dim), np.zeros((dim, dim))
-    parts = frame.select("embedding").mapInArrow(per_task, "n long, mean binary, m2 binary").collect()
+    parts = sparkio.map_in_arrow(
+        frame.select("embedding"), per_task, "n long, mean binary, m2 binary"
+    ).collect()
     for r in parts:
         if r["n"]:
             pm = np.frombuffer(r["mean"], dtype=np.float64)
@@ -488,8 +490,14 @@ def main(argv: list[str]) -> int:
         part = pointer if pointer.get("version") == args.version and not args.fit else None
         state = dict(part or {})
         if offered is not None:
-            state = samples.update(
-                spark, part, offered, size, "split", f"{root}/report/pca_version={args.version}/run={run}"
+            state = samples.update(  # `offered` went through _prefilter in the chunks' loop
+                spark,
+                part,
+                offered,
+                size,
+                "split",
+                f"{root}/report/pca_version={args.version}/run={run}",
+                prefiltered=True,
             )
         sparkio.write_json(spark, f"{folder}sample_report.json", {**state, "version": args.version})
     seconds = time.monotonic() - started

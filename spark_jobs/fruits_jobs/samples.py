@@ -133,9 +133,12 @@ def update(
     size: int,
     stratum_col: str,
     out_uri: str,
+    prefiltered: bool = False,
 ) -> dict[str, Any]:
     """Offer rows (a DataFrame with path, stratum_col and the sampled columns) to the sample; writes a
-    delta or a new base at out_uri and returns the new state (the caller writes it as the candidate)."""
+    delta or a new base at out_uri and returns the new state (the caller writes it as the candidate).
+    `prefiltered`: the offer already holds at most `size` rows per stratum (the caller ran _prefilter on
+    it), so a compaction does not run those jobs again."""
     part = dict(part or {})
     if part and int(part.get("size", size)) != size:
         part = {}  # another sample size: start again from what is offered
@@ -155,7 +158,8 @@ def update(
         return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
     # Compaction: rewrite the base as the bottom-N per stratum of everything kept so far plus the offer.
     stored = _stored(spark, part)
-    frame = _prefilter(fresh, size, stratum_col).withColumn("_gen", F.lit(len(stored)))
+    bounded = fresh if prefiltered else _prefilter(fresh, size, stratum_col)
+    frame = bounded.withColumn("_gen", F.lit(len(stored)))
     for other in stored:
         frame = other.unionByName(frame, allowMissingColumns=True)
     kept = _bottom(frame, size, stratum_col).cache()

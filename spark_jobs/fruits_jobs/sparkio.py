@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -72,7 +73,28 @@ def read_bytes(spark: SparkSession, uri: str) -> bytes:
 
 
 def read_text(spark: SparkSession, uri: str) -> str:
-    return "\n".join(spark.sparkContext.textFile(uri, 1).collect())
+    """A small file's text, read by the driver (a Spark job would cost more than the read)."""
+    return read_bytes(spark, uri).decode("utf-8")
+
+
+def map_in_arrow(frame: DataFrame, fn, schema: StructType | str) -> DataFrame:
+    """`frame.mapInArrow(fn, schema)`, without importing pandas in the driver.
+
+    PySpark 3.5 builds a mapInArrow UDF through `pandas_udf`, whose version check imports pandas: 1.5 to 2
+    s of every step's driver, for functions that only ever see Arrow batches. This builds the same UDF
+    (evaluation type SQL_MAP_ARROW_ITER_UDF) and the same plan node directly; a PySpark without that
+    JVM method (another version) gets the public call."""
+    from py4j.protocol import Py4JError
+    from pyspark.rdd import PythonEvalType
+    from pyspark.sql.udf import UserDefinedFunction
+
+    udf = UserDefinedFunction(fn, returnType=schema, evalType=PythonEvalType.SQL_MAP_ARROW_ITER_UDF)
+    column = udf(*[frame[c] for c in frame.columns])
+    try:
+        jdf = frame._jdf.pythonMapInArrow(column._jc.expr(), False)
+    except (AttributeError, Py4JError):
+        return frame.mapInArrow(fn, schema)
+    return DataFrame(jdf, frame.sparkSession)
 
 
 def write_json(spark: SparkSession, uri: str, payload: dict) -> None:
