@@ -94,9 +94,10 @@ demo: setup
 # Two pytest-xdist workers, each with its own S3 server, Airflow database and work folder (tests/conftest.py),
 # one test module at a time: a DAG run leaves a core idle most of its time (JVM starts, Python imports,
 # Airflow's bookkeeping), which the other worker fills. TEST_WORKERS=0 runs the suite in one process.
+# --no-loadscope-reorder: the modules go in conftest's order (longest first), not by their test count.
 TEST_WORKERS ?= 2
 test: setup chromium
-	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The tests that need no Spark and no DAG run (marked `fast`): 2-4 minutes on 2 cores.
 test-fast: venv
