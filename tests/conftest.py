@@ -73,8 +73,8 @@ LONGEST_FIRST = (
     "test_faults.py",  # ~250 s
     "test_scale_outputs.py",  # ~230 s
     "test_pipeline.py",  # ~180 s
-    "test_hostile_batch.py",  # ~140 s
     "test_engines.py",  # ~160 s
+    "test_hostile_batch.py",  # ~140 s
     "test_ui_stack.py",  # ~120 s
 )
 

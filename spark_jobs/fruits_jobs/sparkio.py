@@ -84,7 +84,7 @@ def map_in_arrow(frame: DataFrame, fn, schema: StructType | str) -> DataFrame:
     s of every step's driver, for functions that only ever see Arrow batches. This builds the same UDF
     (evaluation type SQL_MAP_ARROW_ITER_UDF) and the same plan node directly; a PySpark without that
     JVM method (another version) gets the public call."""
-    from py4j.protocol import Py4JError
+    from py4j.protocol import Py4JError, Py4JJavaError
     from pyspark.rdd import PythonEvalType
     from pyspark.sql.udf import UserDefinedFunction
 
@@ -92,7 +92,9 @@ def map_in_arrow(frame: DataFrame, fn, schema: StructType | str) -> DataFrame:
     column = udf(*[frame[c] for c in frame.columns])
     try:
         jdf = frame._jdf.pythonMapInArrow(column._jc.expr(), False)
-    except (AttributeError, Py4JError):
+    except Py4JJavaError:
+        raise  # the JVM refused the plan itself: the public call would fail the same way, a second time
+    except Py4JError:  # no such method on this Spark's Dataset
         return frame.mapInArrow(fn, schema)
     return DataFrame(jdf, frame.sparkSession)
 
