@@ -19,11 +19,18 @@ writes, with nothing in between held, so two concurrent `PUT If-None-Match: *` o
 succeed (seen here: 1 round in 40 with 8 writers). S3 lets exactly one win. The middleware serialises
 conditional PUTs, so the claims' guarantee (plugins/fruits/catalog.py) is tested against S3's rule, not
 moto's leniency (tests/test_claims_race.py).
+
+Served by cheroot (CherryPy's WSGI server: HTTP/1.1 keep-alive, a pool of threads) rather than werkzeug's
+development server, which `moto_server` uses: that one closes the connection after every response, so each
+request paid a new TCP connection and a name lookup in the client and a new thread in the server (a third of
+a boto3 client's busy time on small requests, measured with py-spy; docs/performance.md). waitress was
+tried first and hangs on boto3's empty PUTs (`Expect: 100-continue` with `Content-Length: 0`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -157,6 +164,9 @@ class RequestCounter:
         return "s3", s3_operation(method, bucket, key, query, copy)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # moto routes and checks SigV4 signatures on the path as it arrived, percent-encoded, which it takes
+        # from RAW_URI (werkzeug's name); cheroot names it REQUEST_URI.
+        environ.setdefault("RAW_URI", environ.get("REQUEST_URI", ""))
         path = environ.get("PATH_INFO", "")
         if path == COUNTS_PATH:
             body = json.dumps(self.snapshot(reset=environ.get("REQUEST_METHOD") == "POST")).encode()
@@ -179,23 +189,31 @@ class RequestCounter:
 def counting_app() -> RequestCounter:
     from moto.server import DomainDispatcherApplication, create_backend_app
 
-    return RequestCounter(DomainDispatcherApplication(create_backend_app))
+    dispatcher = DomainDispatcherApplication(create_backend_app)
+    # moto names a request's service by listing its own package folder (some 170 isdir calls) and trying
+    # every service's URL pattern, twice for each path-style request, under a lock every request takes: a
+    # quarter of this server's time on small requests. The answer depends on the host name alone.
+    dispatcher.get_backend_for_host = functools.lru_cache(maxsize=256)(dispatcher.get_backend_for_host)  # type: ignore[method-assign]
+    return RequestCounter(dispatcher)
+
+
+THREADS = 8  # moto serialises most of its work; idle keep-alive connections hold no thread
 
 
 class CountingMotoServer:
-    """In-process, threaded (as moto's ThreadedMotoServer), for code that must share moto's backends."""
+    """In-process (moto's backends shared with the caller, as moto's ThreadedMotoServer), on a free port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        from moto.server import MotoRequestHandler
-        from werkzeug.serving import make_server
+        from cheroot import wsgi
 
         self.app = counting_app()
-        self.server = make_server(host, port, self.app, threaded=True, request_handler=MotoRequestHandler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = wsgi.Server((host, port), self.app, numthreads=THREADS)
+        self.server.prepare()  # binds: the port is known from here on
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
 
     @property
     def endpoint(self) -> str:
-        host, port = self.server.server_address[:2]
+        host, port = self.server.bind_addr[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> CountingMotoServer:
@@ -203,7 +221,7 @@ class CountingMotoServer:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        self.server.stop()
         self.thread.join(10)
 
 
@@ -215,8 +233,7 @@ def read_counts(endpoint: str, reset: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from moto.server import MotoRequestHandler
-    from werkzeug.serving import run_simple
+    from cheroot import wsgi
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-H", "--host", default="127.0.0.1")
@@ -224,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))  # as moto_server: some services build URLs with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_simple(args.host, args.port, counting_app(), threaded=True, request_handler=MotoRequestHandler)
+    wsgi.Server((args.host, args.port), counting_app(), numthreads=THREADS).safe_start()
 
 
 if __name__ == "__main__":

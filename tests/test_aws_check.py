@@ -24,12 +24,10 @@ BUCKET = "fruits-check"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+    from counting_s3 import CountingMotoServer  # moto's app behind a keep-alive server (scripts/)
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    server = CountingMotoServer().start()
+    yield server.endpoint
     server.stop()
 
 

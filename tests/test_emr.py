@@ -81,12 +81,10 @@ def emr(airflow_db) -> Iterator[EmrHarness]:
     harness, with IAM enforced: the DAG's tasks act as an IAM user holding exactly airflow-policy.json,
     the steps as the cluster's instance role (emr-instance-role-policy.json), the test's own fixtures as an
     administrator. An AccessDenied anywhere fails the run."""
-    from moto.server import ThreadedMotoServer
+    from counting_s3 import CountingMotoServer  # moto's app behind a keep-alive server (scripts/)
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server = CountingMotoServer().start()
+    endpoint = server.endpoint
     conn = json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])
     conn["extra"]["endpoint_url"] = endpoint
     with pytest.MonkeyPatch.context() as env:
