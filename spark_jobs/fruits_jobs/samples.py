@@ -11,8 +11,10 @@ threshold is the N-th smallest h at the last compaction (null while the stratum 
 rows). So the N rows with the smallest h per stratum of (base + deltas), a path kept once (its newest
 copy), are exactly the bottom-N of every row ever offered: a deterministic sample, the same whatever
 order the batches came in. A run offering new rows costs what they cost: it appends those below the
-threshold (about new_rows x N / total rows) as a delta; only when the deltas reach MAX_DELTAS, or a
-stratum is not full yet, does it rewrite the base (at most N rows per stratum).
+threshold (about new_rows x N / total rows) as a delta. While the sample is not full, an offer that keeps
+it within N rows is a delta as it is. Only when the deltas reach MAX_DELTAS, a new stratum appears in a
+full sample, or a sample that is not full would outgrow N, does it rewrite the base (at most N rows per
+stratum).
 
 The state moves only after the run's validation passed (plugins/fruits/validate.py writes
 samples/LATEST.json from the run's candidate `runs/RUN/sample_*.json`), so a failed run's rows are never
@@ -126,6 +128,16 @@ def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
     return offered.where(F.col("h") <= cut)
 
 
+def _append(part: dict[str, Any], fresh: DataFrame, added: int, out_uri: str, size: int) -> dict[str, Any]:
+    """The (cached) offer of `added` rows written as one more delta; the state with it."""
+    deltas = list(part.get("deltas") or [])
+    if added:
+        fresh.coalesce(1).write.mode("overwrite").parquet(out_uri)
+        deltas.append(out_uri)
+    fresh.unpersist()
+    return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
+
+
 def update(
     spark: SparkSession,
     part: dict[str, Any] | None,
@@ -147,15 +159,20 @@ def update(
     thresholds = part.get("threshold") or {}
     deltas = list(part.get("deltas") or [])
     full = bool(thresholds) and all(t is not None for t in thresholds.values())
-    new_strata = {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
-    if full and not new_strata and len(deltas) < MAX_DELTAS and part.get("base"):
-        fresh = fresh.cache()
-        added = fresh.count()
-        if added:
-            fresh.coalesce(1).write.mode("overwrite").parquet(out_uri)
-            deltas.append(out_uri)
-        fresh.unpersist()
-        return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
+    if part.get("base") and len(deltas) < MAX_DELTAS:
+        if full:
+            new_strata = {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
+            if not new_strata:
+                fresh = fresh.cache()
+                return _append(part, fresh, fresh.count(), out_uri, size)
+        else:
+            # Not full yet: the offer is kept whole (no threshold), so it can be the delta as it is, as long
+            # as what is kept stays within one stratum's size. `rows` counts a re-offered path twice: that
+            # can only bring the compaction forward. Saves the ranking a compaction runs on every small run.
+            fresh = fresh.cache()
+            added = fresh.count()
+            if int(part.get("rows", 0)) + added <= size:
+                return _append(part, fresh, added, out_uri, size)
     # Compaction: rewrite the base as the bottom-N per stratum of everything kept so far plus the offer.
     stored = _stored(spark, part)
     bounded = fresh if prefiltered else _prefilter(fresh, size, stratum_col)
@@ -166,6 +183,7 @@ def update(
     stats = kept.groupBy(stratum_col).agg(F.count("*").alias("n"), F.max("h").alias("t")).collect()
     kept.coalesce(1).write.mode("overwrite").parquet(out_uri)
     kept.unpersist()
+    fresh.unpersist()
     return {
         "base": [out_uri],
         "deltas": [],
