@@ -27,6 +27,18 @@ ACCOUNT = "123456789012"  # moto's default account
 SERVICE_ROLE = "fruits-emr-service-role"
 INSTANCE_ROLE = "fruits-emr-instance-role"
 EMR_V2 = "arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"
+CLEANUP_ROLE = "AWSServiceRoleForEMRCleanup"
+TAG = {"Key": "for-use-with-amazon-emr-managed-policies", "Value": "true"}
+STEPS = (
+    "service-role",
+    "service-role-managed-policy",
+    "instance-role",
+    "instance-role-policy",
+    "instance-profile",
+    "cleanup-role",
+    "vpc-tag",
+    "subnet-tag",
+)
 
 
 def _load_only_the_managed_policy_used() -> None:
@@ -43,18 +55,6 @@ def _load_only_the_managed_policy_used() -> None:
 
 
 _load_only_the_managed_policy_used()
-CLEANUP_ROLE = "AWSServiceRoleForEMRCleanup"
-TAG = {"Key": "for-use-with-amazon-emr-managed-policies", "Value": "true"}
-STEPS = (
-    "service-role",
-    "service-role-managed-policy",
-    "instance-role",
-    "instance-role-policy",
-    "instance-profile",
-    "cleanup-role",
-    "vpc-tag",
-    "subnet-tag",
-)
 
 
 @dataclass
