@@ -24,8 +24,10 @@ def test_bottom_n_per_stratum_across_runs(spark, tmp_path):
         frame = samples.with_hash(frame)
         before = len(state.get("deltas") or [])
         state = samples.update(spark, state, frame, size, "split", str(tmp_path / f"run={r}"))
-        full = bool(state["threshold"]) and all(t is not None for t in state["threshold"].values())
-        kinds.append(("delta" if len(state["deltas"]) > before else "base") + (" full" if full else ""))
+        kinds.append(
+            ("delta" if len(state["deltas"]) > before else "base")
+            + (" full" if samples.is_full(state) else "")
+        )
         offered_so_far |= {
             (x["h"], x["path"], x["split"]) for x in frame.select("h", "path", "split").collect()
         }

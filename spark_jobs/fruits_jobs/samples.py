@@ -59,6 +59,12 @@ def same_scheme(state: dict[str, Any], like: str) -> dict[str, Any]:
     return out
 
 
+def is_full(part: dict[str, Any]) -> bool:
+    """Every stratum of the state holds its size: each has a threshold."""
+    thresholds = part.get("threshold") or {}
+    return bool(thresholds) and all(t is not None for t in thresholds.values())
+
+
 def with_hash(frame: DataFrame) -> DataFrame:
     return frame if "h" in frame.columns else frame.withColumn("h", path_hash())
 
@@ -128,16 +134,6 @@ def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
     return offered.where(F.col("h") <= cut)
 
 
-def _append(part: dict[str, Any], fresh: DataFrame, added: int, out_uri: str, size: int) -> dict[str, Any]:
-    """The (cached) offer of `added` rows written as one more delta; the state with it."""
-    deltas = list(part.get("deltas") or [])
-    if added:
-        fresh.coalesce(1).write.mode("overwrite").parquet(out_uri)
-        deltas.append(out_uri)
-    fresh.unpersist()
-    return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
-
-
 def update(
     spark: SparkSession,
     part: dict[str, Any] | None,
@@ -158,21 +154,22 @@ def update(
     fresh = offered.where(F.col("h") < _threshold(part, stratum_col))
     thresholds = part.get("threshold") or {}
     deltas = list(part.get("deltas") or [])
-    full = bool(thresholds) and all(t is not None for t in thresholds.values())
     if part.get("base") and len(deltas) < MAX_DELTAS:
-        if full:
-            new_strata = {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
-            if not new_strata:
-                fresh = fresh.cache()
-                return _append(part, fresh, fresh.count(), out_uri, size)
+        fresh = fresh.cache()
+        added = fresh.count()
+        if is_full(part):  # only the rows under each threshold; a new stratum needs one set: compaction
+            fits = not {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
         else:
             # Not full yet: the offer is kept whole (no threshold), so it can be the delta as it is, as long
             # as what is kept stays within one stratum's size. `rows` counts a re-offered path twice: that
             # can only bring the compaction forward. Saves the ranking a compaction runs on every small run.
-            fresh = fresh.cache()
-            added = fresh.count()
-            if int(part.get("rows", 0)) + added <= size:
-                return _append(part, fresh, added, out_uri, size)
+            fits = int(part.get("rows", 0)) + added <= size
+        if fits:
+            if added:
+                fresh.coalesce(1).write.mode("overwrite").parquet(out_uri)
+                deltas.append(out_uri)
+            fresh.unpersist()
+            return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
     # Compaction: rewrite the base as the bottom-N per stratum of everything kept so far plus the offer.
     stored = _stored(spark, part)
     bounded = fresh if prefiltered else _prefilter(fresh, size, stratum_col)
