@@ -16,7 +16,6 @@ instance profile, as the nodes do.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +44,13 @@ def _load_only_the_managed_policy_used() -> None:
     """moto attaches an AWS managed policy (AmazonEMRServicePolicy_v2) only when it loads them, and it
     loads all 1,582 (its copy of AWS's documents) into each partition's IAM backend, again at every reset:
     about 2 s of CPU per reset of the in-process servers here. The one the account uses is kept, as moto
-    has it; attaching any other managed policy is refused (NoSuchEntity), which is stricter, not laxer."""
+    has it; attaching any other managed policy is refused (NoSuchEntity), which is stricter, not laxer.
+    Set in moto's in-process config, not the environment, which every child process (the suite's own S3
+    server among them) would inherit."""
     import moto.iam.models as iam_models
+    from moto.core.config import default_user_config
 
-    os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+    default_user_config["iam"]["load_aws_managed_policies"] = True
     every = json.loads(iam_models.aws_managed_policies_data)
     name = EMR_V2.rsplit("/", 1)[1]
     iam_models.aws_managed_policies_data = json.dumps({name: every[name]})

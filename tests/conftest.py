@@ -89,12 +89,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def s3_server() -> Iterator[str]:
     """A real moto S3/EMR server process on localhost, counting the requests it serves by operation
     (scripts/counting_s3.py: s3_requests() reads the counts)."""
-    # Without AWS's managed policies: tests/aws_account.py turns them on for its own in-process server, and
-    # this process's environment would hand that to this one, where every reset then rebuilt them for each
-    # partition: 1.9 s of the server's CPU per reset instead of 0.04 (docs/performance.md, sixth round).
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "counting_s3.py"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
-        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
