@@ -21,6 +21,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__UNIT_TEST_MODE := False
+export AIRFLOW__AWS__SESSION_FACTORY := fruits.aws_session.SharedLoaderSessionFactory
 # Local-only dummy keys for the moto S3 server; real credentials come from the Airflow connection.
 export AIRFLOW_CONN_AWS_DEFAULT ?= {"conn_type":"aws","login":"test","password":"test","extra":{"endpoint_url":"http://127.0.0.1:$(S3_PORT)","region_name":"eu-west-3"}}
 export FRUITS_SPARK_JARS_DIR ?= $(JARS)

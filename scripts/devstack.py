@@ -33,6 +33,10 @@ def say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
+# One botocore loader per process instead of one per hook (plugins/fruits/aws_session.py).
+SESSION_FACTORY = "fruits.aws_session.SharedLoaderSessionFactory"
+
+
 def local_stack_env(airflow_home: Path, work_dir: Path, s3_endpoint: str) -> dict[str, str]:
     """What Airflow, the DAG and the Spark steps read on this machine, set before Airflow is imported:
     an Airflow home, this repo's dags and plugins, the AWS connection at a local S3 server (local-only
@@ -49,6 +53,7 @@ def local_stack_env(airflow_home: Path, work_dir: Path, s3_endpoint: str) -> dic
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__AWS__SESSION_FACTORY": SESSION_FACTORY,
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
         "FRUITS_WORK_DIR": str(work_dir),
         "TF_CPP_MIN_LOG_LEVEL": "2",
