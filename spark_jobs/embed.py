@@ -294,18 +294,14 @@ def validation(
     compares them with the plan and reads only Parquet footers, never vectors."""
     emb = tables.read_partitions(spark, args.embeddings_out, batches)
     rej = tables.read_partitions(spark, args.rejects_out, batches)
-    vec = (
-        tables.vector_checks(emb, "embedding", [F.collect_set("model_id").alias("model_ids")])
+    vec, labels = (
+        tables.checks_by(
+            emb, "label", tables.vector_checks("embedding", [F.collect_set("model_id").alias("model_ids")])
+        )
         if emb is not None
-        else {}
+        else ({}, {})
     )
-    labels = tables.counts_by(emb, "label") if emb is not None else {}
-    reasons = tables.counts_by(rej, "reason") if rej is not None else {}
-    rejected = (
-        {r["batch_id"]: int(r["count"]) for r in rej.groupBy("batch_id").count().collect()}
-        if rej is not None
-        else {}
-    )
+    rejected, reasons = tables.checks_by(rej, "reason") if rej is not None else ({}, {})
     paths = [f.select("batch_id", "path") for f in (emb, rej) if f is not None]
     distinct: dict[str, int] = {}
     if paths:
@@ -317,7 +313,7 @@ def validation(
     out = {}
     for b in batches:
         v = vec.get(b, {})
-        embedded, rejects = int(v.get("rows", 0)), rejected.get(b, 0)
+        embedded, rejects = int(v.get("rows", 0)), int(rejected.get(b, {}).get("rows", 0))
         out[b] = {
             "files": listed[b],
             "embedded": embedded,

@@ -418,14 +418,12 @@ def transform_chunk(
             **nothing,
             **{b: {**nothing[b], "embeddings": n, "missing_features": n} for b, n in counts.items()},
         }, None
-    checks = tables.vector_checks(written, "features", [F.collect_set("pca_version").alias("pca_versions")])
-    emb_paths = emb.select("batch_id", "path")
-    feat_paths = written.select("batch_id", "path")
-    missing = emb_paths.join(feat_paths, ["batch_id", "path"], "left_anti").groupBy("batch_id").count()
-    extra = feat_paths.join(emb_paths, ["batch_id", "path"], "left_anti").groupBy("batch_id").count()
-    labels = tables.counts_by(written, "label")
-    missing_n = {r["batch_id"]: int(r["count"]) for r in missing.collect()}
-    extra_n = {r["batch_id"]: int(r["count"]) for r in extra.collect()}
+    checks, labels = tables.checks_by(
+        written,
+        "label",
+        tables.vector_checks("features", [F.collect_set("pca_version").alias("pca_versions")]),
+    )
+    missing_n, extra_n = tables.unmatched_paths(emb, written)
     out_checks = dict(nothing)
     for b in sorted(set(counts) | set(checks)):
         c = checks.get(b, {})

@@ -23,3 +23,55 @@ def test_each_batch_partition_holds_ceil_rows_over_file_size_files(spark, tmp_pa
         assert sum(pq.read_metadata(f).num_rows for f in files) == n
         assert all(pq.read_metadata(f).num_rows <= 5 for f in files)
     assert len(list((tmp_path / "batch_id=b-small").glob("*.parquet"))) == 1
+
+
+def test_checks_by_gives_exact_per_batch_checks_and_counts_by_value_in_one_pass(spark):
+    """checks_by's rollup against the same figures computed by hand from the rows."""
+    from fruits_jobs.tables import checks_by, vector_checks
+    from pyspark.sql import functions as F
+
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        ("b1", "p/a1", "apple", [1.0, 2.0, 3.0]),
+        ("b1", "p/a1", "apple", [1.0, 2.0, 3.0]),  # a duplicate path
+        ("b1", "p/a2", "apple", [0.0, 0.0, 0.0]),
+        ("b1", "p/a2", "pear", [0.0, 0.0, 0.0]),  # the same path under another label: one distinct path
+        ("b1", "p/p1", "pear", None),  # a null vector: not in the dims
+        ("b2", "p/x1", None, [nan, inf, -inf, 1.0]),  # no label; three non-finite values, dim 4
+        ("b2", "p/x2", "kiwi", [1.0, 2.0]),
+    ]
+    frame = spark.createDataFrame(rows, "batch_id string, path string, label string, v array<float>")
+    per_batch, by_label = checks_by(
+        frame, "label", vector_checks("v", [F.collect_set("label").alias("labels")])
+    )
+    assert {b: {k: v for k, v in d.items() if k != "labels"} for b, d in per_batch.items()} == {
+        "b1": {
+            "rows": 5,
+            "distinct_paths": 3,
+            "dim_min": 3,
+            "dim_max": 3,
+            "null_vectors": 1,
+            "nonfinite_values": 0,
+        },
+        "b2": {
+            "rows": 2,
+            "distinct_paths": 2,
+            "dim_min": 2,
+            "dim_max": 4,
+            "null_vectors": 0,
+            "nonfinite_values": 3,
+        },
+    }
+    assert sorted(per_batch["b1"]["labels"]) == ["apple", "pear"]
+    assert by_label == {"b1": {"apple": 3, "pear": 2}, "b2": {"None": 1, "kiwi": 1}}
+
+
+def test_unmatched_paths_counts_each_side_per_batch(spark):
+    from fruits_jobs.tables import unmatched_paths
+
+    schema = "batch_id string, path string"
+    left = spark.createDataFrame([("b1", "a"), ("b1", "b"), ("b1", "c"), ("b2", "x"), ("b3", "y")], schema)
+    right = spark.createDataFrame([("b1", "a"), ("b1", "z"), ("b1", "z"), ("b2", "x"), ("b4", "w")], schema)
+    only_left, only_right = unmatched_paths(left, right)
+    assert only_left == {"b1": 2, "b2": 0, "b3": 1, "b4": 0}
+    assert only_right == {"b1": 2, "b2": 0, "b3": 0, "b4": 1}

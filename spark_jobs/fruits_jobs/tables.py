@@ -82,10 +82,10 @@ def nonfinite_count(column: str) -> Column:
     )
 
 
-def vector_checks(frame: DataFrame, column: str, extra: list[Column] | None = None) -> dict[str, dict]:
-    """{batch_id: {rows, distinct_paths, dim_min, dim_max, null_vectors, nonfinite_values, ...}}."""
-    aggs = [
-        F.count("*").alias("rows"),
+def vector_checks(column: str, extra: list[Column] | None = None) -> list[Column]:
+    """The per-batch checks of a vector column, for checks_by: distinct paths, dims, null vectors,
+    NaN/inf values (dims over the non-null vectors; nulls are counted apart)."""
+    return [
         F.countDistinct("path").alias("distinct_paths"),
         F.min(F.when(F.col(column).isNotNull(), F.size(column))).alias("dim_min"),
         F.max(F.when(F.col(column).isNotNull(), F.size(column))).alias("dim_max"),
@@ -93,19 +93,50 @@ def vector_checks(frame: DataFrame, column: str, extra: list[Column] | None = No
         F.sum(nonfinite_count(column)).alias("nonfinite_values"),
         *(extra or []),
     ]
-    out = {}
-    for row in frame.groupBy("batch_id").agg(*aggs).collect():
+
+
+def checks_by(
+    frame: DataFrame, column: str, aggs: list[Column] | None = None
+) -> tuple[dict[str, dict], dict[str, dict[str, int]]]:
+    """({batch_id: {rows, *aggs}}, {batch_id: {value of `column`: rows}}) in one pass over the frame: a
+    rollup of (batch_id, column) gives both levels, each exact (distinct counts included). Every
+    aggregation is a Spark job or three, and a step's fixed cost is mostly such jobs."""
+    rows = (
+        frame.rollup("batch_id", column)
+        .agg(F.count("*").alias("rows"), *(aggs or []), F.grouping(column).alias("_per_batch"))
+        .where(F.grouping("batch_id") == 0)  # not the grand total
+        .collect()
+    )
+    per_batch: dict[str, dict] = {}
+    by_value: dict[str, dict[str, int]] = {}
+    for row in rows:
         d = row.asDict()
-        out[d.pop("batch_id")] = d  # dims over the non-null vectors; nulls are counted apart
-    return out
+        batch, value, whole = d.pop("batch_id"), d.pop(column), d.pop("_per_batch")
+        if whole:
+            per_batch[batch] = d
+        else:
+            by_value.setdefault(batch, {})[str(value)] = int(d["rows"])
+    return per_batch, by_value
 
 
-def counts_by(frame: DataFrame, column: str) -> dict[str, dict[str, int]]:
-    """{batch_id: {value: rows}} for a small-cardinality column (labels, reject reasons)."""
-    out: dict[str, dict[str, int]] = {}
-    for row in frame.groupBy("batch_id", column).count().collect():
-        out.setdefault(row["batch_id"], {})[str(row[column])] = int(row["count"])
-    return out
+def unmatched_paths(left: DataFrame, right: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
+    """({batch_id: rows of left whose path right lacks}, {batch_id: rows of right whose path left lacks}):
+    embeddings without features and features without an embedding, in one join."""
+    both = left.select("batch_id", "path", F.lit(1).alias("_left")).join(
+        right.select("batch_id", "path", F.lit(1).alias("_right")), ["batch_id", "path"], "full_outer"
+    )
+    only_left: dict[str, int] = {}
+    only_right: dict[str, int] = {}
+    for r in (
+        both.groupBy("batch_id")
+        .agg(
+            F.sum(F.col("_right").isNull().cast("long")).alias("only_left"),
+            F.sum(F.col("_left").isNull().cast("long")).alias("only_right"),
+        )
+        .collect()
+    ):
+        only_left[r["batch_id"]], only_right[r["batch_id"]] = int(r["only_left"]), int(r["only_right"])
+    return only_left, only_right
 
 
 def read_partitions(spark: SparkSession, root: str, batches: list[str], prefix: str = "") -> DataFrame | None:
