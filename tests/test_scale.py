@@ -26,6 +26,7 @@ from conftest import (
     read_json,
     read_parquet,
     run_dag,
+    s3_hook,
     s3_requests,
     sample_files,
     task_states,
@@ -158,12 +159,12 @@ def big_history(airflow_db, s3_server):
     return history, fresh
 
 
-def _one_run(params_conf: dict[str, Any], run_id: str) -> dict[str, Any]:
+def _one_run(params_conf: dict[str, Any], run_id: str, before_commit=None) -> dict[str, Any]:
     """The planning tasks of one run, as the DAG calls them, and every XCom value they return (the
-    validate/commit/summarize ones from results shaped as the validate task writes them)."""
+    validate/commit/summarize ones from results shaped as the validate task writes them), and the S3
+    requests of its commit. `before_commit` runs between the plan and the commit."""
     from datetime import timedelta
 
-    from conftest import s3_hook
     from fruits import commit as commit_mod
     from fruits import emr
     from fruits import plan as planning
@@ -202,7 +203,11 @@ def _one_run(params_conf: dict[str, Any], run_id: str) -> dict[str, Any]:
         "key": key,
         "pca": meta,
     }
+    if before_commit:
+        before_commit()
+    s3_requests(reset=True)
     committed = commit_mod.commit(catalog, plan, validated)
+    commit_requests = s3_requests()["s3"]
     summary = commit_mod.summarize(plan, validated, committed, 1.0)
     planning.release_claims(catalog, claimed, run_id)
     xcoms = {
@@ -217,7 +222,14 @@ def _one_run(params_conf: dict[str, Any], run_id: str) -> dict[str, Any]:
         "commit": committed,
         "summarize": summary,
     }
-    return {"plan": plan, "steps": steps, "xcoms": xcoms, "catalog": catalog, "expected": expected}
+    return {
+        "plan": plan,
+        "steps": steps,
+        "xcoms": xcoms,
+        "catalog": catalog,
+        "expected": expected,
+        "commit_requests": commit_requests,
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +262,19 @@ def test_1000_new_batches_and_a_refit_over_5000_keep_xcom_and_step_args_small(bi
 
     # A refit over all 5,000 processed batches (and one new one).
     (extra,) = new_batches(1, photos=3, prefix="late-upload")
-    refit = _one_run({"compute": "emr", "engine": "tf", "refit": True}, "manual__refit")
+    edited = f"ledger/batches/{history[5]}.json"
+
+    def edit_a_record_after_the_plan() -> None:  # another hand, between the plan's read and the commit
+        s3_hook().load_bytes(
+            json.dumps({**read_json(edited), "note": "edited after the plan"}).encode(),
+            edited,
+            BUCKET,
+            replace=True,
+        )
+
+    refit = _one_run(
+        {"compute": "emr", "engine": "tf", "refit": True}, "manual__refit", edit_a_record_after_the_plan
+    )
     plan = refit["plan"]
     assert plan["pca"]["fit"] and plan["pca"]["transform_batches"] == 5001
     sizes = {task: xcom_bytes(v) for task, v in refit["xcoms"].items()}
@@ -265,6 +289,13 @@ def test_1000_new_batches_and_a_refit_over_5000_keep_xcom_and_step_args_small(bi
     assert refit["expected"][extra] == 3 and refit["expected"][history[0]] == 40
     assert len(refit["expected"]) == 5001
     assert plan["sizing"]["transform_rows"] == 4000 * 40 + 1000 + 3
+    # The commit rewrites 5,001 records from the plan's saved copies: the ledger's listing (one LIST per
+    # 1,000 records) tells it which changed since, and it reads only that one again.
+    reads = refit["commit_requests"]
+    assert reads.get("GetObject", 0) <= 5 and reads.get("ListObjectsV2", 0) <= 6, reads
+    assert reads.get("PutObject", 0) >= 5001, reads
+    assert read_json(edited)["note"] == "edited after the plan"
+    print(f"refit's commit over 5,001 records: {reads}")
     record = read_json(f"ledger/batches/{history[7]}.json")
     assert record["pca_version"] == plan["pca"]["version"] and record["run_id"] == "scheduled__2024"
 

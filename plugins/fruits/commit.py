@@ -1,7 +1,8 @@
 """The end of a run: record what was validated, then summarise it.
 
-Reads the run's files (validation.json, batches.json, ignored.json), not the ledger: a past batch's
-record is read only when this run rewrites it (a forced re-run, or every batch on a refit)."""
+Reads the run's files (validation.json, batches.json, ignored.json, records.json), not the ledger: the
+records this run rewrites (a forced re-run, or every batch on a refit) were saved by the plan with their
+ETags, and only one that changed since is read again."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ def commit(catalog: Catalog, plan: dict[str, Any], validated: dict[str, Any]) ->
     results: dict[str, dict[str, Any]] = catalog.read_run_file(validated["key"])["batches"]
     lists = catalog.read_run_file(plan["keys"]["batches.json"])
     new = set(lists["new"])
-    previous = catalog.read_records(sorted(set(lists["recorded"]) | set(lists["refit"])))
+    rewritten = sorted(set(lists["recorded"]) | set(lists["refit"]))
+    saved = (
+        catalog.read_run_file(plan["keys"]["records.json"])
+        if rewritten and "records.json" in plan["keys"]
+        else {}
+    )
+    previous = catalog.records_now(rewritten, saved)
     ignored = catalog.read_run_file(plan["keys"]["ignored.json"])
     now = datetime.now(UTC).isoformat(timespec="seconds")
     if pca["fit"]:

@@ -16,6 +16,7 @@ RUN_FILES = (
     "pca_batches.json",  # plan: the PCA step's {"fit": [...], "transform": [...]}
     "expected.json",  # plan: {batch_id: input files} for every batch the run (re)writes
     "ignored.json",  # plan: {batch_id: [hidden-named keys]}
+    "records.json",  # plan: the ledger records the run rewrites, as read, with their ETags (commit)
     "embed.json",  # embed step: metrics
     "pca.json",  # pca step: metrics
     "embed_validation.json",  # embed step: its own checks

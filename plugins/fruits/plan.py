@@ -372,7 +372,8 @@ def build_plan(
     fit = p.refit or current is None
     new = sorted(batches)
     old = sorted(set(listing) - set(new)) if fit else []
-    records = catalog.read_records(old)
+    as_read = catalog.records_as_read(old, listing)
+    records = {b: r["record"] for b, r in as_read.items()}
     damaged = [b for b in old if b in records and not isinstance(records[b].get("files"), int)]
     if damaged:
         raise CatalogError(
@@ -380,7 +381,8 @@ def build_plan(
             "delete them to let the pipeline process those batches again."
         )
     old = [b for b in old if b in records]  # a record deleted since the listing: that batch is not done
-    catalog.read_records([b for b in new if b in listing])  # a forced re-run's record: damaged fails here
+    # A forced re-run's record: a damaged one fails here; commit keeps the rest of it.
+    as_read |= catalog.records_as_read([b for b in new if b in listing], listing)
     sha = weights_sha256(catalog, p.weights_uri)
     check_same_weights(model_id_for(sha), p, current, {b: records[b] for b in old})
     if fit:
@@ -439,7 +441,8 @@ def build_plan(
 
     keys = {name: layout.run_file(run_id, name) for name in ("inputs.jsonl", "pca_batches.json")}
     keys |= {
-        name: layout.run_file(run_id, name) for name in ("expected.json", "batches.json", "ignored.json")
+        name: layout.run_file(run_id, name)
+        for name in ("expected.json", "batches.json", "ignored.json", "records.json")
     }
     # The embed step processes exactly this list, one GET per file: every listed file is embedded or
     # rejected (a deleted one too), and a file uploaded after the plan is not half-counted.
@@ -459,6 +462,7 @@ def build_plan(
         {"new": new, "recorded": [b for b in new if b in listing], "refit": old},
     )
     catalog.write_run_file(keys["ignored.json"], ignored)
+    catalog.write_run_file(keys["records.json"], as_read)
 
     # ONNX Runtime runs an export of these same weights, made once per weights version and checked.
     onnx_uri = ensure_onnx(catalog, p.weights_uri, sha, s)[0] if p.engine == "onnx" else None
