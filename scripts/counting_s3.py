@@ -198,16 +198,30 @@ def counting_app() -> RequestCounter:
 
 
 THREADS = 8  # moto serialises most of its work; idle keep-alive connections hold no thread
+# cheroot's defaults suit a web site, not Spark's Python workers keeping 16 GETs each in flight
+# (fruits_jobs/objects.py): a listen backlog of 5 drops the SYNs of a burst of new connections (the client
+# sends them again after a second), and past 10 keep-alive connections it closes each connection after
+# its response, so the clients keep reconnecting into that backlog. The embed job on 5,040 photos ran
+# with two thirds of the cores idle (27 img/s); docs/performance.md, seventh round.
+BACKLOG = 256
+KEEP_ALIVE_CONNECTIONS = 256
+
+
+def make_server(host: str, port: int, app: Any):
+    """moto's app behind cheroot, sized for the steps' GETs."""
+    from cheroot import wsgi
+
+    server = wsgi.Server((host, port), app, numthreads=THREADS, request_queue_size=BACKLOG)
+    server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
+    return server
 
 
 class CountingMotoServer:
     """In-process (moto's backends shared with the caller, as moto's ThreadedMotoServer), on a free port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        from cheroot import wsgi
-
         self.app = counting_app()
-        self.server = wsgi.Server((host, port), self.app, numthreads=THREADS)
+        self.server = make_server(host, port, self.app)
         self.server.prepare()  # binds: the port is known from here on
         self.thread = threading.Thread(target=self.server.serve, daemon=True)
 
@@ -233,15 +247,13 @@ def read_counts(endpoint: str, reset: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cheroot import wsgi
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-H", "--host", default="127.0.0.1")
     ap.add_argument("-p", "--port", type=int, default=5000)
     args = ap.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))  # as moto_server: some services build URLs with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    wsgi.Server((args.host, args.port), counting_app(), numthreads=THREADS).safe_start()
+    make_server(args.host, args.port, counting_app()).safe_start()
 
 
 if __name__ == "__main__":
