@@ -421,7 +421,9 @@ def transform_chunk(
     checks, labels = tables.checks_by(
         written,
         "label",
-        tables.vector_checks("features", [F.collect_set("pca_version").alias("pca_versions")]),
+        tables.vector_checks(
+            "features", [tables.distinct_paths(), F.collect_set("pca_version").alias("pca_versions")]
+        ),
     )
     missing_n, extra_n = tables.unmatched_paths(emb, written)
     out_checks = dict(nothing)

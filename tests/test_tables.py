@@ -27,7 +27,7 @@ def test_each_batch_partition_holds_ceil_rows_over_file_size_files(spark, tmp_pa
 
 def test_checks_by_gives_exact_per_batch_checks_and_counts_by_value_in_one_pass(spark):
     """checks_by's rollup against the same figures computed by hand from the rows."""
-    from fruits_jobs.tables import checks_by, vector_checks
+    from fruits_jobs.tables import checks_by, distinct_paths, vector_checks
     from pyspark.sql import functions as F
 
     nan, inf = float("nan"), float("inf")
@@ -42,7 +42,7 @@ def test_checks_by_gives_exact_per_batch_checks_and_counts_by_value_in_one_pass(
     ]
     frame = spark.createDataFrame(rows, "batch_id string, path string, label string, v array<float>")
     per_batch, by_label = checks_by(
-        frame, "label", vector_checks("v", [F.collect_set("label").alias("labels")])
+        frame, "label", vector_checks("v", [distinct_paths(), F.collect_set("label").alias("labels")])
     )
     assert {b: {k: v for k, v in d.items() if k != "labels"} for b, d in per_batch.items()} == {
         "b1": {

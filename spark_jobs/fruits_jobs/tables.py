@@ -83,16 +83,20 @@ def nonfinite_count(column: str) -> Column:
 
 
 def vector_checks(column: str, extra: list[Column] | None = None) -> list[Column]:
-    """The per-batch checks of a vector column, for checks_by: distinct paths, dims, null vectors,
-    NaN/inf values (dims over the non-null vectors; nulls are counted apart)."""
+    """The per-batch checks of a vector column, for checks_by: dims, null vectors, NaN/inf values (dims
+    over the non-null vectors; nulls are counted apart). Distinct paths are not among them: the embed step
+    counts them over embeddings and rejects together, and a distinct count makes the rollup costlier."""
     return [
-        F.countDistinct("path").alias("distinct_paths"),
         F.min(F.when(F.col(column).isNotNull(), F.size(column))).alias("dim_min"),
         F.max(F.when(F.col(column).isNotNull(), F.size(column))).alias("dim_max"),
         F.sum(F.col(column).isNull().cast("long")).alias("null_vectors"),
         F.sum(nonfinite_count(column)).alias("nonfinite_values"),
         *(extra or []),
     ]
+
+
+def distinct_paths() -> Column:
+    return F.countDistinct("path").alias("distinct_paths")
 
 
 def checks_by(
