@@ -191,10 +191,6 @@ class Catalog:
                 changed.append(b)
         return out | self.read_records(changed)
 
-    def ledger(self) -> dict[str, dict[str, Any]]:
-        """Every record: for a refit, which re-transforms every batch anyway, never for a normal run."""
-        return self.read_records(sorted(self.ledger_listing()))
-
     def check_state(self, refit: bool, redo: tuple[str, ...] = ()) -> None:
         """Refuse to run on damaged bookkeeping rather than silently redo everything. Raises CatalogError
         with the way to recover.
