@@ -1,14 +1,22 @@
-"""The local steps' JVM class archive (fruits.local_compute.class_archive): written by a step's first
-run on the machine, mapped by the next ones, never kept from a failed run. Real files in a temporary
-folder; the JVM itself is exercised by every local DAG run of the suite (test_pipeline and others)."""
+"""What a local step's processes start with (fruits.local_compute): the JVM class archive, written by a
+step's first run on the machine, mapped by the next ones, never kept from a failed run; and the Python
+path that makes them import the installed pyspark. Real files in a temporary folder and real Python
+processes; the JVM itself is exercised by every local DAG run of the suite (test_pipeline and others),
+and test_sparkio runs a real spark-submit with the Python path."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from conftest import REPO
 from fruits.config import settings
-from fruits.local_compute import class_archive
+from fruits.local_compute import class_archive, local_python_path
 
 pytestmark = pytest.mark.fast
 
@@ -73,3 +81,33 @@ def test_s3a_jars_on_the_class_path_locally_shipped_to_a_cluster(tmp_path):
     assert local["spark.driver.extraClassPath"] == ":".join(jars) and "spark.jars" not in local
     cluster, _ = s3a_conf_and_env(s.aws_conn_id, s, "spark://spark-master:7077")
     assert cluster["spark.jars"] == ",".join(jars) and "spark.driver.extraClassPath" not in cluster
+
+
+def test_only_the_zips_of_an_installed_pyspark_are_dropped(tmp_path):
+    """spark_jobs/local_site/sitecustomize.py, in Python processes started with the path spark-submit gives
+    them (SPARK_HOME's zips first, then the local step's PYTHONPATH): with pip's pyspark as SPARK_HOME,
+    pyspark and py4j come from the installed packages; a Spark installed elsewhere (EMR's, a cluster's
+    own), whose zips may be the only copy, keeps them."""
+    import py4j
+    import pyspark
+
+    installed = Path(pyspark.__file__).parent
+    elsewhere = tmp_path / "spark"
+    (elsewhere / "python" / "lib").mkdir(parents=True)
+    for z in (installed / "python" / "lib").glob("*.zip"):
+        shutil.copy(z, elsewhere / "python" / "lib")
+
+    def imported_from(home: Path) -> list[str]:
+        zips = [str(z) for z in sorted((home / "python" / "lib").glob("*.zip"))]
+        assert len(zips) == 2, zips  # pyspark.zip and py4j's
+        env = {**os.environ, "SPARK_HOME": str(home), "PYTHONPATH": os.pathsep.join(zips)}
+        env["PYTHONPATH"] += os.pathsep + local_python_path(REPO / "spark_jobs")
+        code = "import pyspark, py4j; print(pyspark.__file__); print(py4j.__file__)"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert imported_from(installed) == [pyspark.__file__, py4j.__file__]
+    kept = imported_from(elsewhere)
+    assert kept[0].startswith(str(elsewhere / "python" / "lib" / "pyspark.zip")), kept
+    assert kept[1].startswith(str(elsewhere / "python" / "lib" / "py4j-")), kept

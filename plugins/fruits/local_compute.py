@@ -77,12 +77,20 @@ def run_local_step(
     argv = spark_submit_argv(
         step, s3_to_s3a(job_args), bundle, conf, master=tuning.master, spark_submit=spark_submit
     )
+    env["PYTHONPATH"] = local_python_path(s.jobs_dir)
     try:
         run_spark_submit(argv, {**env, **tuning.env}, logger)
     except BaseException:
         publish_archive(False)
         raise
     publish_archive(True)
+
+
+def local_python_path(jobs_dir: Path) -> str:
+    """PYTHONPATH for a local step: spark_jobs/local_site first, whose sitecustomize makes the driver and
+    the workers import the installed pyspark, not the zipped copy spark-submit puts first (compiled from
+    source in every process); then whatever PYTHONPATH this process has."""
+    return os.pathsep.join([str(jobs_dir / "local_site"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def class_archive(s: Settings, step: str, conf: dict[str, str]) -> tuple[str, Callable[[bool], None]]:
