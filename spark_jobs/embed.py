@@ -15,6 +15,7 @@ Runs the same way locally (s3a://) and on EMR (s3://). Imports nothing from Airf
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -132,6 +133,10 @@ def make_embed_fn(engine: str, model_file: str, threads: int, model_batch: int, 
         meter = CpuMeter()
         forward = meter.timed(get_engine(engine, model_path, threads, model_batch))
         reader = objects.Reader(s3)
+        # PySpark's reused worker runs a full gc.collect() after every task, over every object the worker
+        # holds: the engine, numpy, pyarrow, Pillow. What is alive now lives as long as the worker; frozen,
+        # the collector skips it and only walks what this task creates.
+        gc.freeze()
         pending: deque[pa.RecordBatch] = deque()
 
         def files() -> Iterator[tuple[str, int]]:
