@@ -124,9 +124,10 @@ class Settings:
         default_factory=lambda: Path(_env("FRUITS_WORK_DIR", str(REPO_ROOT / ".cache" / "work")))
     )
     # The local steps' JVM class archives (fruits.local_compute.class_archive): shared by every run on the
-    # machine, tests and bench included; "" turns them off.
+    # machine, tests and bench included; "" turns them off (so not read through _env, which takes "" for
+    # unset).
     jvm_archive_dir: str = field(
-        default_factory=lambda: _env("FRUITS_JVM_ARCHIVE_DIR", str(REPO_ROOT / ".cache" / "jvm"))
+        default_factory=lambda: os.environ.get("FRUITS_JVM_ARCHIVE_DIR", str(REPO_ROOT / ".cache" / "jvm"))
     )
     claim_lease_s: int = field(default_factory=lambda: int(_env("FRUITS_CLAIM_LEASE_S", str(6 * 3600))))
     # Run report: a batch whose id holds the token "test" is held-out data for the linear probe; the
