@@ -66,6 +66,28 @@ def test_checks_by_gives_exact_per_batch_checks_and_counts_by_value_in_one_pass(
     assert by_label == {"b1": {"apple": 3, "pear": 2}, "b2": {"None": 1, "kiwi": 1}}
 
 
+def test_nonfinite_count_finds_each_kind_alone(spark):
+    """nonfinite_count walks only the rows that array_max/array_min flag: a row whose only non-finite
+    values are NaN, or +inf, or -inf, must each be flagged and counted exactly."""
+    from fruits_jobs.tables import nonfinite_count
+
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        ([1.0, 2.0], 0),
+        ([nan, 1.0], 1),
+        ([2.0, inf], 1),
+        ([-inf, 3.0], 1),
+        ([1.0, -inf, -inf], 2),
+        ([nan, inf, -inf, nan], 4),
+        ([-1e38, 3e38], 0),  # large but finite
+        ([], 0),
+        (None, 0),
+    ]
+    frame = spark.createDataFrame([(i, v) for i, (v, _) in enumerate(rows)], "i int, v array<float>")
+    got = {r["i"]: r["n"] for r in frame.select("i", nonfinite_count("v").alias("n")).collect()}
+    assert got == {i: n for i, (_, n) in enumerate(rows)}
+
+
 def test_unmatched_paths_counts_each_side_per_batch(spark):
     from fruits_jobs.tables import unmatched_paths
 
