@@ -197,7 +197,12 @@ def counting_app() -> RequestCounter:
     return RequestCounter(dispatcher)
 
 
-THREADS = 8  # moto serialises most of its work; idle keep-alive connections hold no thread
+# cheroot hands every newly accepted connection to a thread, which waits for its first request up to the
+# socket timeout (10 s); only a connection between requests waits without one. Clients open connections
+# they then leave idle (an HTTP pool racing a new connection against one about to be free), and with 8
+# threads 8 such connections stopped the server for 10 s: both embed workers stalled at a task start,
+# once or twice per 5,040 photos. Threads cost nothing while they wait; moto serialises its own work.
+THREADS = 64
 # cheroot's defaults suit a web site, not Spark's Python workers keeping 16 GETs each in flight
 # (fruits_jobs/objects.py): a listen backlog of 5 drops the SYNs of a burst of new connections (the client
 # sends them again after a second), and past 10 keep-alive connections it closes each connection after

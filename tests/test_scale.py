@@ -184,6 +184,31 @@ def test_server_keeps_the_connections_of_many_readers_alive(s3_server):
     assert [kept for kept, _ in results] == [10] * readers
 
 
+def test_idle_new_connections_do_not_stop_the_server(s3_server):
+    """Clients open connections they leave idle (an HTTP pool racing a new connection against one about to
+    be free). 48 such connections, more than the steps' readers open at once (2 workers x 16 GETs in
+    flight, plus the JVM's and boto's pools): a request on another connection is still answered at once.
+    With 8 server threads it waited 9.5 s, each thread held by an idle connection until its timeout."""
+    import socket
+    import time
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from counting_s3 import COUNTS_PATH
+
+    where = urlsplit(ENDPOINT)
+    idle = [socket.create_connection((where.hostname, where.port), timeout=10) for _ in range(48)]
+    try:
+        time.sleep(0.5)  # the server has accepted them and handed each to a thread
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{ENDPOINT}{COUNTS_PATH}", timeout=30) as response:
+            assert response.status == 200
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in idle:
+            s.close()
+
+
 # --- plans, step arguments and XCom against a large synthetic history (no Spark) --------------------
 @pytest.fixture(scope="module")
 def big_history(airflow_db, s3_server):
