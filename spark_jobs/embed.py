@@ -132,7 +132,7 @@ def make_embed_fn(engine: str, model_file: str, threads: int, model_batch: int, 
         model_path = model_file if model_file == "imagenet" else SparkFiles.get(model_file)
         meter = CpuMeter()
         forward = meter.timed(get_engine(engine, model_path, threads, model_batch))
-        reader = objects.Reader(s3)
+        reader = objects.worker_reader(s3)
         # PySpark's reused worker runs a full gc.collect() after every task, over every object the worker
         # holds: the engine, numpy, pyarrow, Pillow. What is alive now lives as long as the worker; frozen,
         # the collector skips it and only walks what this task creates.

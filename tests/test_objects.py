@@ -9,6 +9,7 @@ every request with S3's error document: moto has no switch for that, and it is t
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,3 +66,43 @@ def test_any_other_s3_error_fails_the_task_instead_of_rejecting(refusing_s3: str
     with pytest.raises(OSError, match=f"reading {uri} from S3 failed") as exc:
         list(objects.read_ahead([(uri, 10)], reader.get))
     assert not isinstance(exc.value, objects.ObjectMissing)
+
+
+def _my_connections_to(port: int) -> set[int]:
+    """Local ports of this process's established TCP connections to `port` (from /proc)."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    ports = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if state == "01" and int(remote.split(":")[1], 16) == port and inode in mine:
+                ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
+def test_a_worker_keeps_its_connections_from_one_task_to_the_next(s3_server) -> None:
+    """embed.py takes the reader of each task from objects.worker_reader: the second task reads over the
+    connections the first opened. A reader per task opened a burst of new ones at every task start, and
+    the connections it left idle once held every thread of the local S3 server for 10 s."""
+    reset_s3()
+    s3_hook().create_bucket(bucket_name=BUCKET, region_name="eu-west-3")
+    for i in range(64):
+        s3_hook().load_bytes(b"jpeg bytes", f"incoming/b/Apple/{i}.jpg", BUCKET)
+    settings = objects.S3Settings(region="eu-west-3", endpoint=ENDPOINT)
+    port = int(ENDPOINT.rsplit(":", 1)[1])
+    seen = []
+    for task in range(2):
+        files = [(f"s3://{BUCKET}/incoming/b/Apple/{i}.jpg", 10) for i in range(32 * task, 32 * task + 32)]
+        reader = objects.worker_reader(settings)
+        assert all(f.data == b"jpeg bytes" for f in objects.read_ahead(files, reader.get))
+        seen.append(_my_connections_to(port))
+    assert seen[0] and seen[1] <= seen[0], seen
+    assert objects.worker_reader(settings) is reader

@@ -80,6 +80,20 @@ class Reader:
             raise OSError(f"reading {uri} from S3 failed: {exc}") from exc
 
 
+_READERS: dict[S3Settings, Reader] = {}
+
+
+def worker_reader(settings: S3Settings) -> Reader:
+    """The process's Reader for `settings`, kept for every task the Python worker runs: its clients' pools
+    keep their connections from one task to the next. A Reader per task opened a burst of new connections
+    at every task start (TLS handshakes on S3), some only to sit idle in the pool; the local S3 server
+    lent a thread to each new connection until it sent a request or timed out (10 s), and with all of its
+    threads so held, both workers stalled for 10 s (docs/performance.md)."""
+    if settings not in _READERS:
+        _READERS[settings] = Reader(settings)
+    return _READERS[settings]
+
+
 @dataclass(frozen=True)
 class Fetched:
     """One input file's bytes as read from S3 (None if it was deleted after the plan) and their SHA-256."""
