@@ -37,7 +37,7 @@ AWS_CHECK_ARGS ?=
 help:
 	@echo "make demo [DATA=folder]   run the whole pipeline locally on the Fruits-360 sample (or DATA)"
 	@echo "make test                 run the test suite (real Airflow, Spark and S3 on localhost)"
-	@echo "make test-fast            the tests that need no Spark and no DAG run (2-4 minutes)"
+	@echo "make test-fast            the tests that need no Spark and no DAG run (under a minute)"
 	@echo "make lint                 ruff, and shellcheck on bootstrap/"
 	@echo "make emr-requirements     export the cluster's pinned set (dependency group emr, with hashes) from uv.lock"
 	@echo "make aws-check            read-only checks of a real AWS account before the first deployment (README)"
@@ -100,7 +100,7 @@ TEST_WORKERS ?= 2
 test: setup chromium
 	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
-# The tests that need no Spark and no DAG run (marked `fast`): 2-4 minutes on 2 cores.
+# The tests that need no Spark and no DAG run (marked `fast`): 94 tests in 15 s on 2 cores.
 test-fast: venv
 	@$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
