@@ -134,9 +134,10 @@ def make_embed_fn(engine: str, model_file: str, threads: int, model_batch: int, 
         forward = meter.timed(get_engine(engine, model_path, threads, model_batch))
         reader = objects.worker_reader(s3)
         # PySpark's reused worker runs a full gc.collect() after every task, over every object the worker
-        # holds: the engine, numpy, pyarrow, Pillow. What is alive now lives as long as the worker; frozen,
-        # the collector skips it and only walks what this task creates.
-        gc.freeze()
+        # holds: the engine, numpy, pyarrow, Pillow. What is alive once the first task has built the engine
+        # lives as long as the worker; frozen (once), the collector skips it and walks only what came after.
+        if not gc.get_freeze_count():
+            gc.freeze()
         pending: deque[pa.RecordBatch] = deque()
 
         def files() -> Iterator[tuple[str, int]]:
