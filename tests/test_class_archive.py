@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 from fruits.config import settings
-from fruits.local_compute import class_archive, local_python_path
+from fruits.local_compute import ARCHIVE_DUMP_MAX_S, class_archive, local_python_path
 
 pytestmark = pytest.mark.fast
 
@@ -44,6 +45,26 @@ def test_first_run_writes_the_archive_next_runs_map_it(tmp_path):
     assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "pca", conf)[0]
     other = {"spark.driver.extraClassPath": "/jars/a.jar"}
     assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "embed", other)[0]
+
+
+def test_one_first_run_writes_the_archive_another_at_once_runs_without(tmp_path):
+    """Two first runs of a step at once (the suite's two workers start with DAG runs): one dumps the
+    archive, the other runs without rather than pay for the same dump; the next run maps it. A marker
+    left by a run killed while it wrote is taken over once old enough."""
+    s = dataclasses.replace(settings(), jvm_archive_dir=str(tmp_path))
+    first, publish = class_archive(s, "embed", {})
+    assert class_archive(s, "embed", {})[0] == ""  # the first one is writing it
+    (tmp_path / archive_path(first, "-XX:ArchiveClassesAtExit")).write_bytes(b"archive")
+    publish(True)
+    assert "-XX:SharedArchiveFile=" in class_archive(s, "embed", {})[0]
+    assert not list(tmp_path.glob("*.writing"))
+
+    killed, _ = class_archive(s, "pca", {})  # never published: the run was killed
+    assert "-XX:ArchiveClassesAtExit=" in killed and class_archive(s, "pca", {})[0] == ""
+    [marker] = tmp_path.glob("pca-*.writing")
+    old = time.time() - ARCHIVE_DUMP_MAX_S - 1
+    os.utime(marker, (old, old))
+    assert "-XX:ArchiveClassesAtExit=" in class_archive(s, "pca", {})[0]
 
 
 def test_a_failed_run_leaves_no_archive_and_empty_setting_turns_it_off(tmp_path, monkeypatch):

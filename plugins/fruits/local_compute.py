@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +22,8 @@ from fruits.tuning import SparkTuning, local_tuning
 
 log = logging.getLogger(__name__)
 SPARK_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
+# A step that writes its class archive lives longer than this only if it was killed (local_compute.class_archive).
+ARCHIVE_DUMP_MAX_S = 30 * 60
 
 
 def s3a_conf_and_env(aws_conn_id: str, s: Settings, master: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -123,7 +126,25 @@ def class_archive(s: Settings, step: str, conf: dict[str, str]) -> tuple[str, Ca
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only install: run without
         return "", lambda ok: None
-    partial = archive.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # two first runs at once: one each
+    # One first run writes it; another one at the same time (the other test worker, a second DAG run)
+    # runs without rather than pay for the same dump twice. A marker older than ARCHIVE_DUMP_MAX_S is left
+    # by a run that was killed: taken over.
+    marker = archive.with_suffix(".writing")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            fresh = time.time() - marker.stat().st_mtime < ARCHIVE_DUMP_MAX_S
+        except FileNotFoundError:  # it has just finished: the archive is there, or it failed
+            fresh = False
+        if fresh or archive.exists():
+            return (f"-XX:SharedArchiveFile={archive} {quiet}" if archive.exists() else ""), lambda ok: None
+        marker.touch()
+    except OSError:  # a read-only folder: run without
+        return "", lambda ok: None
+    else:
+        os.close(fd)
+    partial = archive.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
 
     def publish(ok: bool) -> None:
         """Kept from a step that succeeded only: a JVM killed while it wrote leaves half an archive."""
@@ -131,6 +152,7 @@ def class_archive(s: Settings, step: str, conf: dict[str, str]) -> tuple[str, Ca
             partial.replace(archive)
         else:
             partial.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
 
     return f"-XX:ArchiveClassesAtExit={partial} {quiet}", publish
 
