@@ -133,12 +133,14 @@ def class_archive(s: Settings, step: str, conf: dict[str, str]) -> tuple[str, Ca
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+        if archive.exists():  # published by the marker's holder since the check above
+            return f"-XX:SharedArchiveFile={archive} {quiet}", lambda ok: None
         try:
-            fresh = time.time() - marker.stat().st_mtime < ARCHIVE_DUMP_MAX_S
-        except FileNotFoundError:  # it has just finished: the archive is there, or it failed
-            fresh = False
-        if fresh or archive.exists():
-            return (f"-XX:SharedArchiveFile={archive} {quiet}" if archive.exists() else ""), lambda ok: None
+            writing = time.time() - marker.stat().st_mtime < ARCHIVE_DUMP_MAX_S
+        except FileNotFoundError:  # its holder has just failed
+            writing = False
+        if writing:
+            return "", lambda ok: None
         marker.touch()
     except OSError:  # a read-only folder: run without
         return "", lambda ok: None
