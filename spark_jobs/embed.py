@@ -313,8 +313,8 @@ def validation(
     if paths:
         union = paths[0] if len(paths) == 1 else paths[0].unionByName(paths[1])
         distinct = {
-            r["batch_id"]: int(r["n"])
-            for r in union.groupBy("batch_id").agg(F.countDistinct("path").alias("n")).collect()
+            r["batch_id"]: int(r["distinct_paths"])
+            for r in union.groupBy("batch_id").agg(tables.distinct_paths()).collect()
         }
     out = {}
     for b in batches:
