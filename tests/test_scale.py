@@ -190,7 +190,6 @@ def test_idle_new_connections_do_not_stop_the_server(s3_server):
     flight, plus the JVM's and boto's pools): a request on another connection is still answered at once.
     With 8 server threads it waited 9.5 s, each thread held by an idle connection until its timeout."""
     import socket
-    import time
     import urllib.request
     from urllib.parse import urlsplit
 
