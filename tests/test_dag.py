@@ -130,3 +130,48 @@ def test_validate_waits_for_either_compute_path_and_fails_on_a_failed_step():
     assert {"pca", "emr.watch_steps"} <= validate.upstream_task_ids
     assert "none_failed_min_one_success" in str(validate.trigger_rule).lower()
     assert str(d.get_task("commit").trigger_rule).lower().endswith("all_success")
+
+
+def readme_parameter_defaults() -> dict[str, object]:
+    """{param: default} as the README's parameters table states them "out of the box" (a backticked value
+    in parentheses wins over the setting's name; "BUCKET" is the form's `{bucket}`, filled in at run time)."""
+    import json
+    import re
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("### Parameters (the trigger form in the UI)", 1)[1].split("\n### ", 1)[0]
+    out: dict[str, object] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([a-z_]+)`", cells[0])
+        values = [v.strip() for v in cells[1].split(", ")] if len(names) > 1 else [cells[1]]
+        assert len(values) == len(names), line
+        for name, value in zip(names, values, strict=True):
+            inner = re.search(r"\((`?)([^)`]+)\1", value)
+            raw = (inner.group(2) if inner and "FRUITS_" in value else value).strip("`").replace(",", "")
+            raw = raw.replace("BUCKET", "{bucket}")
+            try:
+                out[name] = json.loads(raw)
+            except ValueError:
+                out[name] = raw
+    return out
+
+
+def test_the_trigger_forms_defaults_are_the_readmes():
+    import os
+
+    overridden = [k for k in os.environ if k in ("FRUITS_COMPUTE", "FRUITS_ENGINE", "FRUITS_REGION")]
+    assert not overridden, f"these settings would change the defaults under test: {overridden}"
+    stated = readme_parameter_defaults()
+    form = dag().params.validate()
+    assert set(stated) == set(form), "the README's table and the trigger form list different params"
+    for name, value in stated.items():
+        assert form[name] == value, f"{name}: the form's default is {form[name]!r}, the README says {value!r}"
+    from fruits.config import settings
+
+    s = settings()
+    assert (
+        s.resolve(form["weights_uri"]) == f"s3://{s.bucket}/artifacts/models/mobilenet_v2_1.0_224_no_top.h5"
+    )

@@ -9,7 +9,8 @@ DAG run (dag.test, spark-submit on local Spark) with the non-default engine.
 from __future__ import annotations
 
 import hashlib
-import shutil
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +45,34 @@ def _sha256_s3(key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def staged(airflow_db, bucket):
-    """The first ensure_onnx of a bucket: a real export, then staged (the file, then its manifest)."""
+def staged(airflow_db, bucket, tmp_path_factory):
+    """The first ensure_onnx of a bucket on a machine without an export: a real export, then staged (the
+    file, then its manifest). This module has an ONNX cache of its own, empty, so the export runs here
+    whatever the suite's shared cache holds, and the other worker's runs never see it change."""
     from fruits.config import settings
     from fruits.onnx_model import ensure_onnx
 
-    # Drop the machine-local copy an earlier module may have left, so the export itself runs here.
-    shutil.rmtree(settings().work_dir / "onnx" / WEIGHTS_SHA[:12], ignore_errors=True)
-    uri, action = ensure_onnx(_catalog(), WEIGHTS_URI, WEIGHTS_SHA, settings())
-    return {"uri": uri, "action": action, "key": uri[len(f"s3://{BUCKET}/") :]}
+    before = os.environ.get("FRUITS_ONNX_CACHE_DIR")
+    os.environ["FRUITS_ONNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    try:
+        # Two runs needing the export at once (the suite's two workers on a fresh machine): one exports,
+        # the other waits for the machine's copy and uploads it.
+        with ThreadPoolExecutor(2) as pool:
+            done = list(
+                pool.map(lambda _: ensure_onnx(_catalog(), WEIGHTS_URI, WEIGHTS_SHA, settings()), [0, 1])
+            )
+        uri = done[0][0]
+        assert done[1][0] == uri
+        yield {"uri": uri, "actions": sorted(a for _, a in done), "key": uri[len(f"s3://{BUCKET}/") :]}
+    finally:
+        if before is None:
+            os.environ.pop("FRUITS_ONNX_CACHE_DIR", None)
+        else:
+            os.environ["FRUITS_ONNX_CACHE_DIR"] = before
 
 
 def test_export_is_staged_per_weights_version_with_a_checked_manifest(staged):
-    assert staged["action"] == "exported"
+    assert staged["actions"] == ["exported", "uploaded"]  # one export, the other run waited for it
     assert staged["key"] == f"artifacts/models/{WEIGHTS_SHA[:12]}/mobilenet_v2_avgpool.onnx"
     manifest = read_json(staged["key"] + ".json")
     assert manifest["weights_sha256"] == WEIGHTS_SHA

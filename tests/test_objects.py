@@ -68,6 +68,46 @@ def test_any_other_s3_error_fails_the_task_instead_of_rejecting(refusing_s3: str
     assert not isinstance(exc.value, objects.ObjectMissing)
 
 
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>1</RequestId></Error>"
+)
+
+
+def test_a_transient_s3_error_is_retried_and_the_photo_read_not_rejected() -> None:
+    """S3 answers 503 SlowDown under load: the client retries, and the photo is read (not rejected, not
+    a failed task). The stand-in server answers the first two GETs with 503, then the object."""
+    answered: list[int] = []
+
+    class SlowThenOk(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = len(answered) >= 2
+            answered.append(200 if ok else 503)
+            body = b"jpeg bytes" if ok else SLOW_DOWN
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "application/octet-stream" if ok else "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            if ok:
+                self.send_header("ETag", '"0123456789abcdef"')
+                self.send_header("Last-Modified", "Mon, 07 Dec 2026 00:00:00 GMT")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowThenOk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        reader = objects.Reader(objects.S3Settings(region="eu-west-3", endpoint=endpoint))
+        (got,) = objects.read_ahead([(f"s3://{BUCKET}/incoming/b/Apple/1.jpg", 10)], reader.get)
+    finally:
+        server.shutdown()
+    assert answered == [503, 503, 200]
+    assert got.data == b"jpeg bytes" and got.content_sha256 is not None
+
+
 def _my_connections_to(port: int) -> set[int]:
     """Local ports of this process's established TCP connections to `port` (from /proc)."""
     mine = set()

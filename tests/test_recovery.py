@@ -70,15 +70,37 @@ def from_history(history: dict) -> int:
     return history["files"]
 
 
-def test_lost_ledger_force_rerun_as_advised_rebuilds_it(history):
+def trigger_conf(message: str) -> dict:
+    """The conf of the trigger command an error message prints (`airflow dags trigger ... --conf '...'`)."""
+    found = re.findall(r"airflow dags trigger fruits_embeddings --conf '(\{.*?\})'", message)
+    assert len(found) == 1, message
+    return json.loads(found[0])
+
+
+def removed_key(message: str) -> str:
+    """The key of the `aws s3 rm s3://BUCKET/KEY` an error message prints."""
+    found = re.findall(rf"`aws s3 rm s3://{BUCKET}/([^`]+)`", message)
+    assert len(found) == 1, message
+    return found[0]
+
+
+def test_damaged_then_lost_ledger_force_rerun_as_advised_rebuilds_it(history):
+    """A garbage record in a one-record ledger: its advice (delete it, then a forced run of the batch)
+    leads through the lost-ledger state, whose own advice prints the same run; that run rebuilds it."""
     n = from_history(history)
     record = read_json("ledger/batches/kept.json")
-    s3_hook().delete_objects(BUCKET, ["ledger/batches/kept.json"])
+    hook = s3_hook()
+    hook.load_bytes(b'{"files": 6, "embedd', "ledger/batches/kept.json", BUCKET, replace=True)
 
-    message = advice(CatalogError)
-    assert "the ledger was lost" in message
-    conf = json.loads(re.search(r"--conf '(\{.*?\})'", message).group(1))  # the command it prints
+    damaged = advice(CatalogError)
+    assert "ledger/batches/kept.json is not valid JSON" in damaged
+    conf = trigger_conf(damaged)
     assert conf == {"force": True, "batch_ids": ["kept"]}
+    hook.delete_objects(BUCKET, [removed_key(damaged)])  # the `aws s3 rm` it prints
+
+    lost = advice(CatalogError)  # the ledger is now empty: the lost-ledger message, same way out
+    assert "the ledger was lost" in lost
+    assert trigger_conf(lost) == conf
 
     assert succeeded(run_dag(conf))
     rebuilt = read_json("ledger/batches/kept.json")
@@ -89,14 +111,36 @@ def test_lost_ledger_force_rerun_as_advised_rebuilds_it(history):
     assert features.num_rows == n
 
 
-def test_lost_model_refit_as_advised_fits_a_new_one(history):
+def test_lost_pointer_or_model_refit_as_advised_fits_a_new_one(history):
+    """The model pointer lost: its advice (refit) is planned as a fit over every processed batch. Then the
+    model itself lost too: the same advice, run for real, fits a new version and makes the bookkeeping
+    whole again."""
+    from datetime import timedelta
+
+    from fruits.plan import build_plan, claim_batches, claimed_batches, find_batches, release_claims
+
     n = from_history(history)
     old = read_json("models/pca/CURRENT.json")["version"]
-    s3_hook().delete_objects(BUCKET, list_keys(f"models/pca/{old}/"))
+    s3_hook().delete_objects(BUCKET, ["models/pca/CURRENT.json"])
+    pointer_lost = advice(CatalogError)
+    assert "models/pca/CURRENT.json is missing" in pointer_lost
+    conf = trigger_conf(pointer_lost)
+    assert conf == {"refit": True}
+    params = parse_params(conf, settings())
+    preflight(catalog(), params)  # gets past check_params, and past the plan (the issue's bug)
+    found = find_batches(catalog(), params, "manual__probe")
+    claimed = claim_batches(catalog(), found, "manual__probe", timedelta(minutes=5))
+    plan = build_plan(catalog(), params, claimed_batches(catalog(), claimed), "manual__probe", settings())
+    release_claims(catalog(), claimed, "manual__probe")
+    assert plan["pca"]["fit"] and plan["pca"]["version"] != old and plan["new_batches"] == 0
+    assert read_json(plan["keys"]["pca_batches.json"]) == {"fit": [KEPT], "transform": [KEPT]}
 
+    from_history(history)
+    s3_hook().delete_objects(BUCKET, list_keys(f"models/pca/{old}/"))
     message = advice(CatalogError)
-    assert f"names PCA version {old!r}" in message and "refit=true" in message
-    assert succeeded(run_dag({"refit": True}))  # nothing new to embed: the refit alone is the run
+    assert f"names PCA version {old!r}" in message
+    assert trigger_conf(message) == conf
+    assert succeeded(run_dag(conf))  # nothing new to embed: the refit alone is the run
 
     new = read_json("models/pca/CURRENT.json")["version"]
     assert new != old
@@ -105,6 +149,52 @@ def test_lost_model_refit_as_advised_fits_a_new_one(history):
     assert record["pca_version"] == new
     assert read_parquet(f"features/pca_version={new}/batch_id={KEPT}/").num_rows == n
     preflight(catalog(), parse_params({}, settings()))  # the bookkeeping is whole again
+
+
+def test_restore_from_s3_versioning_as_advised(history):
+    """On a versioned bucket (README, deploying), a damaged record and a deleted one each come back as the
+    message says: the last good version copied back, a delete marker deleted. No step needs to run: the
+    next run finds the ledger whole and nothing new."""
+    from_history(history)
+    s3 = s3_hook().get_conn()
+    key = "ledger/batches/kept.json"
+    good = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=BUCKET, Key=key, Body=good)  # the record as written once versioning is on
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"\x00\x00 damaged")
+
+    message = advice(CatalogError)
+    listed = re.search(r"`aws s3api list-object-versions --bucket (\S+) --prefix (\S+)`", message)
+    copy = re.search(
+        r"`aws s3api copy-object --bucket (\S+) --key (\S+) --copy-source '([^?]+)\?versionId=", message
+    )
+    assert (
+        listed
+        and copy
+        and listed.groups() == (BUCKET, key)
+        and copy.groups() == (BUCKET, key, f"{BUCKET}/{key}")
+    )
+    versions = s3.list_object_versions(Bucket=BUCKET, Prefix=key)["Versions"]
+    last_good = sorted((v for v in versions if not v["IsLatest"]), key=lambda v: v["LastModified"])[-1]
+    s3.copy_object(
+        Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": key, "VersionId": last_good["VersionId"]}
+    )
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == good
+    preflight(catalog(), parse_params({}, settings()))
+
+    s3.delete_object(Bucket=BUCKET, Key=key)  # a lost ledger: its one record deleted
+    lost = advice(CatalogError)
+    assert "the ledger was lost" in lost and "delete marker is deleted" in lost
+    listed = s3.list_object_versions(Bucket=BUCKET, Prefix="ledger/batches/")
+    (marker,) = [m for m in listed["DeleteMarkers"] if m["IsLatest"]]
+    s3.delete_object(Bucket=BUCKET, Key=marker["Key"], VersionId=marker["VersionId"])
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == good
+
+    dagrun = run_dag()
+    assert succeeded(dagrun)
+    states = task_states(dagrun)
+    assert states["find_new_batches"] == "success" and states["embed"] == "skipped"  # nothing new
+    assert json.loads(good)["files"] == history["files"]
 
 
 def test_missing_weights_make_stage_weights_as_advised(airflow_db, s3_server):

@@ -29,6 +29,7 @@ from conftest import (
     s3_hook,
     s3_requests,
     sample_files,
+    snapshot,
     task_states,
     upload_sample,
     weights_model_id,
@@ -547,3 +548,26 @@ def test_a_damaged_old_record_is_refused_when_a_run_rewrites_it(airflow_db, s3_s
         planning.build_plan(catalog, refit, [new], "manual__refit", s)
     assert not list_keys("runs/manual__refit/pca_batches.json")
     planning.release_claims(catalog, claimed, "manual__refit")
+
+    # A forced re-run of the damaged batch, through the real DAG: refused in plan_run, before any step,
+    # with its claim handed back by the teardown and the ledger as it was.
+    ledger = {k: v for k, v in snapshot("ledger/").items()}
+    forced = {"force": True, "batch_ids": [ids[0]]}
+    dagrun = run_dag(forced)
+    states = task_states(dagrun)
+    assert states["plan_run"] == "failed" and states["release_claims"] == "success", states
+    assert states["embed"] != "success" and states["pca"] != "success"
+    assert snapshot("ledger/") == ledger  # no claim left, no record touched
+
+    # Its advice, literally: delete the record, then the forced run it prints plans the batch again.
+    with pytest.raises(CatalogError) as refused:
+        planning.build_plan(catalog, planning.parse_params(forced, s), [ids[0]], "manual__probe", s)
+    message = str(refused.value)
+    assert f"`aws s3 rm s3://{BUCKET}/ledger/batches/{ids[0]}.json`" in message
+    assert f"--conf '{json.dumps(forced)}'" in message
+    s3.delete_object(Bucket=BUCKET, Key=f"ledger/batches/{ids[0]}.json")
+    again = planning.parse_params(forced, s)
+    planning.preflight(catalog, again)
+    found = planning.find_batches(catalog, again, "manual__again")
+    assert found is not None and found["batches"] == 1
+    assert read_json("runs/manual__again/candidates.json")["take"][0]["batch_id"] == ids[0]

@@ -219,3 +219,26 @@ def test_missing_step_results(run):
         f"[{B1}] the embed step reported nothing for this batch",
         f"[{B2}] the pca step reported nothing for this batch (pca_validation.json)",
     )
+
+
+def test_a_refit_revalidates_the_older_batches_features(run):
+    """A refit rewrites the features of every earlier batch (batches.json "refit"): each is checked
+    against the embeddings the pca step read, though the embed step did not touch it this run."""
+    edit_json(f"{RUN}batches.json", lambda d: d.update(new=[B1], refit=[B2]))
+    edit_json(f"{RUN}embed_validation.json", lambda d: d["batches"].pop(B2))  # not embedded this run
+    totals = validate_run(catalog(), run)
+    assert (totals["batches"], totals["batches_validated"], totals["features"]) == (1, 2, 42)
+    saved = json.loads(s3_hook().read_key(f"{RUN}validation.json", BUCKET))["batches"][B2]
+    assert (saved["files"], saved["embedded"], saved["rejected"], saved["features"]) == (13, 12, 1, 12)
+
+    edit_json(
+        f"{RUN}pca_validation.json",
+        lambda d: d["batches"][B2].update(features=10, missing_features=2, distinct_paths=10),
+    )
+    text = fails_with(
+        run,
+        f"[{B2}] PCA features (10 rows) do not match the embeddings (12 rows) one to one: 2 embedding path(s) "
+        "without features",
+        f"[{B2}] features: the Parquet footers hold 12 row(s), the pca step counted 10",
+    )
+    assert not re.search(rf"\[{B1}\]", text)  # the new batch is fine

@@ -35,6 +35,21 @@ class CatalogError(RuntimeError):
     """Bookkeeping in the bucket is unusable; the message says how to recover."""
 
 
+def trigger_command(conf: dict[str, Any]) -> str:
+    """The CLI trigger of the DAG with this conf (the UI's trigger form takes the same values)."""
+    return f"`airflow dags trigger fruits_embeddings --conf '{json.dumps(conf)}'`"
+
+
+def restore_advice(bucket: str, key: str) -> str:
+    """Restoring an object from S3 versioning, as commands (the bucket must have versioning on: README)."""
+    return (
+        f"Restore it from S3 versioning: `aws s3api list-object-versions --bucket {bucket} --prefix {key}` "
+        f"lists its versions; copy the last good one back with `aws s3api copy-object --bucket {bucket} "
+        f"--key {key} --copy-source '{bucket}/{key}?versionId=VERSION_ID'` (a deleted object comes back "
+        "when its delete marker is deleted)"
+    )
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -78,12 +93,33 @@ class Catalog:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CatalogError(
                 f"s3://{self.bucket}/{key} is not valid JSON ({exc}). It was not written by this pipeline "
-                "or was damaged. Restore it from S3 versioning, or delete it to let the pipeline rebuild it "
-                "(for a ledger record: the batch is then processed again)."
+                f"or was damaged. {self.way_out(key)}"
             ) from None
         if not isinstance(value, dict):
-            raise CatalogError(f"s3://{self.bucket}/{key} holds {type(value).__name__}, expected an object")
+            raise CatalogError(
+                f"s3://{self.bucket}/{key} holds {type(value).__name__}, expected an object. {self.way_out(key)}"
+            )
         return value
+
+    def way_out(self, key: str) -> str:
+        """How to recover from a damaged bookkeeping object, in commands that work as written: every
+        message that names a damaged object ends with this (tests/test_recovery.py follows each)."""
+        restore = restore_advice(self.bucket, key)
+        ledger = self.layout.ledger
+        if key.startswith(ledger) and key.endswith(".json") and "/" not in key[len(ledger) :]:
+            batch = key[len(ledger) : -len(".json")]
+            # A forced run of the batch gets past check_state even when this was the only record (the
+            # ledger then looks lost), and rewrites the record.
+            return (
+                f"{restore}. Or delete it and process the batch again: `aws s3 rm s3://{self.bucket}/{key}`, "
+                f"then {trigger_command({'force': True, 'batch_ids': [batch]})}."
+            )
+        if key == self.layout.pca_current:
+            return (
+                f"{restore}. Or delete it and fit a new model over every processed batch: `aws s3 rm "
+                f"s3://{self.bucket}/{key}`, then {trigger_command({'refit': True})}."
+            )
+        return f"{restore}. Or delete it (`aws s3 rm s3://{self.bucket}/{key}`): the pipeline rebuilds it."
 
     def read_run_file(self, key: str) -> Any:
         """A run file this run wrote earlier (layout.RUN_FILES): missing means a task ran out of order."""
@@ -205,21 +241,21 @@ class Catalog:
         self.read_records(newest)  # raises on a record that is not valid JSON
         for batch_id, meta in listing.items():
             if meta["size"] < MIN_RECORD_BYTES:  # free: the listing gives each size
+                key = self.layout.ledger_key(batch_id)
                 raise CatalogError(
-                    f"{where}{self.layout.ledger_key(batch_id)} holds {meta['size']} byte(s): too small to "
-                    "be a ledger record, it was not written by this pipeline or was damaged. Restore it "
-                    "from S3 versioning, or delete it to let the pipeline process the batch again."
+                    f"{where}{key} holds {meta['size']} byte(s): too small to be a ledger record, it was not "
+                    f"written by this pipeline or was damaged. {self.way_out(key)}"
                 )
         if not listing and not redo and self._any_completed_run():
             # `redo`: the batches a forced run names. Recomputing them on purpose is the way out offered
             # here, so it must get past this check (and it rebuilds their records).
             known = self.batch_ids()
-            example = json.dumps({"force": True, "batch_ids": known[:3] or ["BATCH"]})
+            example = trigger_command({"force": True, "batch_ids": known[:3] or ["BATCH"]})
             raise CatalogError(
                 f"the ledger {where}{self.layout.ledger} is empty but completed runs are recorded under "
-                f"{where}{self.layout.runs}: the ledger was lost. Restore it from S3 versioning; or, to "
-                f"recompute on purpose, trigger with force=true and the batch_ids to redo, for example "
-                f"`airflow dags trigger fruits_embeddings --conf '{example}'` ({len(known)} batch(es) "
+                f"{where}{self.layout.runs}: the ledger was lost. "
+                f"{restore_advice(self.bucket, self.layout.ledger)}; or, to recompute on purpose, trigger "
+                f"with force=true and the batch_ids to redo, for example {example} ({len(known)} batch(es) "
                 f"under {where}{self.layout.incoming})."
             )
         if not listing and redo:
@@ -230,8 +266,9 @@ class Catalog:
         if listing and pointer is None:
             raise CatalogError(
                 f"{where}{self.layout.pca_current} is missing but {len(listing)} batch(es) are in the "
-                "ledger, so new features would not match the old ones. Restore the file from S3 versioning, "
-                "or trigger with refit=true to fit a new PCA model over every processed batch."
+                f"ledger, so new features would not match the old ones. "
+                f"{restore_advice(self.bucket, self.layout.pca_current)}; or fit a new PCA model over every "
+                f"processed batch: {trigger_command({'refit': True})}."
             )
         self.current_pca(pointer)  # raises when the pointer names a model that is not there
 
@@ -315,8 +352,9 @@ class Catalog:
         if not intact:
             raise CatalogError(
                 f"{self.layout.uri(self.layout.pca_current)} names PCA version {version!r}, but the model "
-                f"at {self.layout.uri(model)} is missing or incomplete. Restore it from S3 versioning, or "
-                "trigger with refit=true to fit a new model over every processed batch."
+                f"at {self.layout.uri(model)} is missing or incomplete. "
+                f"{restore_advice(self.bucket, model)}; or fit a new model over every processed batch: "
+                f"{trigger_command({'refit': True})}."
             )
         return pointer
 

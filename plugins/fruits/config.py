@@ -123,6 +123,11 @@ class Settings:
     work_dir: Path = field(
         default_factory=lambda: Path(_env("FRUITS_WORK_DIR", str(REPO_ROOT / ".cache" / "work")))
     )
+    # ONNX exports of the weights (fruits.onnx_model), checked against their manifest before use: shared by
+    # every run on the machine, tests and bench included, so a machine exports a weights version once.
+    onnx_cache_dir: Path = field(
+        default_factory=lambda: Path(_env("FRUITS_ONNX_CACHE_DIR", str(REPO_ROOT / ".cache" / "onnx")))
+    )
     # The local steps' JVM class archives (fruits.local_compute.class_archive): shared by every run on the
     # machine, tests and bench included; "" turns them off (so not read through _env, which takes "" for
     # unset).

@@ -5,17 +5,22 @@
 that holds the file's SHA-256 and the weights' SHA-256. A staged file is reused only when the manifest
 names these weights and the object's bytes hash to the manifest's checksum; anything else (no manifest, a
 stale or corrupt file) is replaced. The export itself runs `python -m fruits_jobs.onnx_export` in a child
-process, so TensorFlow never loads into the Airflow task, and it is kept in the local work folder so that
-a new bucket on the same machine does not pay for it again.
+process, so TensorFlow never loads into the Airflow task, and it is kept in the machine's ONNX cache
+(`FRUITS_ONNX_CACHE_DIR`, checked like the staged copy) so that a new bucket on the same machine does not
+pay for it again. Two runs that need the same export at once (the suite's two workers, two DAG runs) take
+a lock on it: one exports, the other waits and uploads that copy.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +82,36 @@ def _download_weights(catalog: Catalog, weights_uri: str, folder: Path) -> str:
     return str(target)
 
 
-def export_locally(catalog: Catalog, weights_uri: str, weights_sha: str, s: Settings) -> tuple[Path, Path]:
-    """Run the exporter in a child process; returns (onnx file, manifest file) in the work folder."""
-    folder = s.work_dir / "onnx" / weights_sha[:12]
+def cache_folder(s: Settings, weights_sha: str) -> Path:
+    """The machine's folder for this weights version's export: the shared cache, or the run's work folder
+    where the cache cannot be written (a read-only install)."""
+    for root in (s.onnx_cache_dir, s.work_dir / "onnx"):
+        folder = root / weights_sha[:12]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    raise OnnxExportFailed(f"neither {s.onnx_cache_dir} nor {s.work_dir / 'onnx'} can be written")
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One process at a time checks, exports or reads the folder's export (an advisory lock the kernel
+    drops when its holder dies, so a killed export never blocks the next run)."""
+    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def export_locally(
+    catalog: Catalog, weights_uri: str, weights_sha: str, s: Settings, folder: Path | None = None
+) -> tuple[Path, Path]:
+    """Run the exporter in a child process; returns (onnx file, manifest file) in the cache folder."""
+    folder = folder or cache_folder(s, weights_sha)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path, manifest_path = folder / "mobilenet_v2_avgpool.onnx", folder / "mobilenet_v2_avgpool.onnx.json"
     weights = _download_weights(catalog, weights_uri, folder)
@@ -106,15 +138,16 @@ def ensure_onnx(catalog: Catalog, weights_uri: str, weights_sha: str, s: Setting
     if _staged_ok(catalog, key, weights_sha):
         log.info("ONNX model %s checked (sha256 matches its manifest): reused", uri)
         return uri, "reused"
-    folder = s.work_dir / "onnx" / weights_sha[:12]
+    folder = cache_folder(s, weights_sha)
     onnx_path, manifest_path = folder / "mobilenet_v2_avgpool.onnx", folder / "mobilenet_v2_avgpool.onnx.json"
     action = "uploaded"
-    if not _local_ok(onnx_path, manifest_path, weights_sha):
-        shutil.rmtree(folder, ignore_errors=True)
-        onnx_path, manifest_path = export_locally(catalog, weights_uri, weights_sha, s)
-        action = "exported"
-    # The manifest goes last: a file without it (an interrupted upload) is never trusted.
-    catalog.hook.load_file(str(onnx_path), key, catalog.bucket, replace=True)
-    catalog.hook.load_file(str(manifest_path), key + ".json", catalog.bucket, replace=True)
+    with _locked(folder):
+        if not _local_ok(onnx_path, manifest_path, weights_sha):
+            shutil.rmtree(folder, ignore_errors=True)
+            onnx_path, manifest_path = export_locally(catalog, weights_uri, weights_sha, s, folder)
+            action = "exported"
+        # The manifest goes last: a file without it (an interrupted upload) is never trusted.
+        catalog.hook.load_file(str(onnx_path), key, catalog.bucket, replace=True)
+        catalog.hook.load_file(str(manifest_path), key + ".json", catalog.bucket, replace=True)
     log.info("ONNX model staged at %s (%s)", uri, action)
     return uri, action

@@ -377,8 +377,9 @@ def build_plan(
     damaged = [b for b in old if b in records and not isinstance(records[b].get("files"), int)]
     if damaged:
         raise CatalogError(
-            f"ledger record(s) {_few(damaged)} have no file count. Restore them from S3 versioning, or "
-            "delete them to let the pipeline process those batches again."
+            f"ledger record(s) {_few(damaged)} have no file count: not written by this pipeline, or "
+            f"damaged. {catalog.way_out(layout.ledger_key(damaged[0]))}"
+            + (" The same for each of the others." if len(damaged) > 1 else "")
         )
     old = [b for b in old if b in records]  # a record deleted since the listing: that batch is not done
     # A forced re-run's record: a damaged one fails here; commit keeps the rest of it.
