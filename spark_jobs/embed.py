@@ -298,8 +298,8 @@ def validation(
 ) -> dict:
     """The step's own checks, computed on what it wrote (read back from S3), per batch: the Airflow side
     compares them with the plan and reads only Parquet footers, never vectors."""
-    emb = tables.read_partitions(spark, args.embeddings_out, batches)
-    rej = tables.read_partitions(spark, args.rejects_out, batches)
+    emb = tables.read_partitions(spark, args.embeddings_out, batches, schema=tables.EMBEDDINGS_SCHEMA)
+    rej = tables.read_partitions(spark, args.rejects_out, batches, schema=tables.REJECTS_SCHEMA)
     vec, labels = (
         tables.checks_by(
             emb, "label", tables.vector_checks("embedding", [F.collect_set("model_id").alias("model_ids")])
@@ -344,16 +344,21 @@ def validation(
     }
 
 
-def update_fit_sample(spark: SparkSession, args: argparse.Namespace, batches: list[str]) -> None:
-    """Offer this run's embeddings to the PCA fit's sample (fruits_jobs/samples.py) and write the run's
-    candidate state beside its validation file; it becomes samples/LATEST.json once validated. With no
-    sample yet (first run, or a history from before samples) the whole embeddings table is offered once."""
+def update_fit_sample(
+    spark: SparkSession, args: argparse.Namespace, batches: list[str], embedded: int
+) -> None:
+    """Offer this run's embeddings (`embedded` rows) to the PCA fit's sample (fruits_jobs/samples.py) and
+    write the run's candidate state beside its validation file; it becomes samples/LATEST.json once
+    validated. With no sample yet (first run, or a history from before samples) the whole embeddings table
+    is offered once."""
     root = (args.sample_root or sibling(args.embeddings_out, "samples")).rstrip("/")
     folder, run = run_folder(args.validation_out)
     pointer = samples.read_pointer(spark, f"{root}/LATEST.json")
     part = samples.same_scheme(pointer["fit"], root) if pointer.get("fit") else None
+    rows = None  # what the whole table holds is not counted
     if part:
-        offered = tables.read_partitions(spark, args.embeddings_out, batches)
+        offered = tables.read_partitions(spark, args.embeddings_out, batches, schema=tables.EMBEDDINGS_SCHEMA)
+        rows = {"all": embedded}
     elif sparkio.exists(spark, args.embeddings_out):
         log.info("no fit sample yet: offering every embedding in %s once", args.embeddings_out)
         offered = spark.read.parquet(args.embeddings_out)
@@ -363,7 +368,9 @@ def update_fit_sample(spark: SparkSession, args: argparse.Namespace, batches: li
         state = part or {}
     else:
         offered = offered.select("batch_id", "path", "label", "embedding", F.lit("all").alias("stratum"))
-        state = samples.update(spark, part, offered, args.fit_sample_rows, "stratum", f"{root}/fit/run={run}")
+        state = samples.update(
+            spark, part, offered, args.fit_sample_rows, "stratum", f"{root}/fit/run={run}", rows=rows
+        )
     sparkio.write_json(spark, f"{folder}sample_fit.json", state)
 
 
@@ -458,7 +465,7 @@ def main(argv: list[str]) -> int:
     if args.validation_out:
         checks = validation(spark, args, batches, listed, mid)
         sparkio.write_json(spark, args.validation_out, checks)
-        update_fit_sample(spark, args, batches)
+        update_fit_sample(spark, args, batches, sum(c["embedded"] for c in per_batch.values()))
     validated = time.monotonic()
 
     seconds = time.monotonic() - started

@@ -216,33 +216,42 @@ def project(frame: DataFrame, projection: Projection, k: int) -> DataFrame:
 
 
 # --- the fit ------------------------------------------------------------------------------------------
-def moments(frame: DataFrame, dim: int = EMBEDDING_DIM) -> tuple[int, np.ndarray, np.ndarray]:
-    """(n, mean, scatter matrix sum (x - mean)(x - mean)^T) of the `embedding` column, float64: one
-    matrix product per Arrow batch in the Python workers (BLAS level 3), merged pairwise (Chan et al.),
-    so only dim x dim numbers per task reach the driver."""
+def moments(frame: DataFrame, dim: int = EMBEDDING_DIM) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+    """(n, mean, scatter matrix sum (x - mean)(x - mean)^T, the batch ids seen) of the `embedding` column,
+    float64: one matrix product per Arrow batch in the Python workers (BLAS level 3), merged pairwise
+    (Chan et al.), so only dim x dim numbers per task reach the driver. One pass over the rows: the fit
+    needs their count and their batches too, which would otherwise be two more Spark jobs over a cache."""
 
     def per_task(batches):
         n, mean, m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+        seen: set[str] = set()
         for batch in batches:
-            col = batch.column(0)
+            col = batch.column(1)
             if len(col) == 0:
                 continue
+            seen.update(batch.column(0).unique().to_pylist())
             x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), dim)
             nb, mb = len(x), x.mean(axis=0)
             xc = x - mb
             n, mean, m2 = _merge(n, mean, m2, nb, mb, xc.T @ xc)
-        yield pa.RecordBatch.from_pydict({"n": [n], "mean": [mean.tobytes()], "m2": [m2.tobytes()]})
+        yield pa.RecordBatch.from_pydict(
+            {"n": [n], "mean": [mean.tobytes()], "m2": [m2.tobytes()], "batch_ids": [sorted(seen)]}
+        )
 
     n, mean, m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+    seen: set[str] = set()
     parts = sparkio.map_in_arrow(
-        frame.select("embedding"), per_task, "n long, mean binary, m2 binary"
+        frame.select("batch_id", "embedding"),
+        per_task,
+        "n long, mean binary, m2 binary, batch_ids array<string>",
     ).collect()
     for r in parts:
         if r["n"]:
             pm = np.frombuffer(r["mean"], dtype=np.float64)
             pm2 = np.frombuffer(r["m2"], dtype=np.float64).reshape(dim, dim)
             n, mean, m2 = _merge(n, mean, m2, int(r["n"]), pm, pm2)
-    return n, mean, m2
+            seen.update(r["batch_ids"])
+    return n, mean, m2, sorted(seen)
 
 
 def _merge(na: int, ma: np.ndarray, m2a: np.ndarray, nb: int, mb: np.ndarray, m2b: np.ndarray):
@@ -301,7 +310,6 @@ def fit_sample(
     embeddings are taken once, from a full read, and the metadata says so."""
     folder, _ = run_folder(args)
     state_uri = args.fit_sample or f"{folder}sample_fit.json"
-    wanted = spark.createDataFrame([(b,) for b in fit_batches], "batch_id string")
     if sparkio.exists(spark, state_uri):
         state = json.loads(sparkio.read_text(spark, state_uri))
     else:  # no embed step in this run (a refit alone): the sample as the last validated run left it
@@ -313,7 +321,9 @@ def fit_sample(
         source = {"method": "sample", "state": state_uri, "size": int(state.get("size", 0))}
     if rows is None:
         log.warning("no fit sample at %s: sampling the fit batches' embeddings from a full read", state_uri)
-        emb = tables.read_partitions(spark, args.embeddings_root, fit_batches)
+        emb = tables.read_partitions(
+            spark, args.embeddings_root, fit_batches, schema=tables.EMBEDDINGS_SCHEMA
+        )
         if emb is None:
             raise SystemExit(
                 "pca: nothing to fit on: the fit batches have no embeddings (all files rejected?)"
@@ -321,26 +331,24 @@ def fit_sample(
         offered = samples.with_hash(
             emb.select("batch_id", "path", "embedding").withColumn("stratum", F.lit("all"))
         )
-        rows = samples._prefilter(offered, args.fit_sample_rows, "stratum")
+        rows = samples.prefilter(offered, args.fit_sample_rows, "stratum")
         source = {"method": "full read", "size": args.fit_sample_rows}
-    rows = rows.join(F.broadcast(wanted), "batch_id").select("batch_id", "path", "embedding")
+    # A filter, not a join with a table of the ids: no broadcast to build (two Spark jobs on a small fit);
+    # Spark turns a long list into a hash set.
+    rows = rows.where(F.col("batch_id").isin(fit_batches)).select("batch_id", "path", "embedding")
     return rows, source
 
 
 def fit(spark: SparkSession, args: argparse.Namespace, fit_batches: list[str]) -> dict:
     """Fit and save version V on the bounded sample."""
     rows, source = fit_sample(spark, args, fit_batches)
-    rows = rows.cache()
-    n_rows = rows.count()
+    n_rows, mean, m2, sampled_batches = moments(rows)
     if n_rows < 2:
         raise SystemExit(f"pca: cannot fit on {n_rows} row(s); add images or fix the fit batches")
     k_fit = min(args.k if args.k is not None else args.max_k, EMBEDDING_DIM, n_rows)
     if args.k is not None and args.k > n_rows:
         raise SystemExit(f"pca: k={args.k} exceeds the {n_rows} rows to fit on; lower k or add batches")
-    sampled_batches = sorted(r[0] for r in rows.select("batch_id").distinct().collect())
-    n, mean, m2 = moments(rows)
-    rows.unpersist()
-    model, projection, explained = fitted_pipeline(spark, n, mean, m2, k_fit)
+    model, projection, explained = fitted_pipeline(spark, n_rows, mean, m2, k_fit)
     cumulative, total = [], 0.0
     for v in explained:
         total += v
@@ -397,7 +405,7 @@ def transform_chunk(
         b: {"embeddings": 0, "features": 0, "distinct_paths": 0, "missing_features": 0, "extra_features": 0}
         for b in chunk
     }
-    emb = tables.read_partitions(spark, args.embeddings_root, chunk)
+    emb = tables.read_partitions(spark, args.embeddings_root, chunk, schema=tables.EMBEDDINGS_SCHEMA)
     if emb is None:
         return nothing, None
     emb = emb.persist(StorageLevel.MEMORY_AND_DISK)  # read from S3 once per chunk
@@ -412,7 +420,7 @@ def transform_chunk(
         "model_id",
     )
     tables.write_by_batch(spark, features, counts, out, ["batch_id"])
-    written = tables.read_partitions(spark, out, chunk)
+    written = tables.read_partitions(spark, out, chunk, schema=tables.FEATURES_SCHEMA)
     if written is None:
         return {
             **nothing,
@@ -463,13 +471,21 @@ def main(argv: list[str]) -> int:
     checks: dict[str, dict] = {}
     offered: DataFrame | None = None
     size = args.report_sample_rows
+    # Rows of `offered` per split, at most (the checks count each batch's features): a split under the
+    # sample's size needs no cut, so a small run's offer costs no Spark job before its checkpoint.
+    offered_rows: dict[str, int] = {}
+    test = re.compile(args.test_batch_pattern, re.IGNORECASE)  # as transform_chunk's rlike
     for i in range(0, len(batches), args.chunk_batches):
         chunk = batches[i : i + args.chunk_batches]
         chunk_checks, offer = transform_chunk(spark, args, projection, k, chunk, out)
         checks.update(chunk_checks)
         if offer is not None:  # keep only what can be in the sample: bounded whatever the chunks
+            for b in chunk:
+                split = "test" if test.search(b) else "train"
+                offered_rows[split] = offered_rows.get(split, 0) + int(chunk_checks[b]["features"])
             merged = offer if offered is None else offered.unionByName(offer)
-            offered = samples._prefilter(merged, size, "split").localCheckpoint()
+            offered = samples.prefilter(merged, size, "split", offered_rows).localCheckpoint()
+            offered_rows = {split: min(n, size) for split, n in offered_rows.items()}
         spark.catalog.clearCache()  # the chunk's cached embeddings
         log.info("transformed batches %d-%d of %d", i + 1, i + len(chunk), len(batches))
     sparkio.remove_partitions_not_written(
@@ -490,7 +506,7 @@ def main(argv: list[str]) -> int:
         part = pointer if pointer.get("version") == args.version and not args.fit else None
         state = dict(part or {})
         if offered is not None:
-            state = samples.update(  # `offered` went through _prefilter in the chunks' loop
+            state = samples.update(  # `offered` went through prefilter in the chunks' loop
                 spark,
                 part,
                 offered,
@@ -498,6 +514,7 @@ def main(argv: list[str]) -> int:
                 "split",
                 f"{root}/report/pca_version={args.version}/run={run}",
                 prefiltered=True,
+                rows=offered_rows,
             )
         sparkio.write_json(spark, f"{folder}sample_report.json", {**state, "version": args.version})
     seconds = time.monotonic() - started

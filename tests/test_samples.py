@@ -23,7 +23,10 @@ def test_bottom_n_per_stratum_across_runs(spark, tmp_path):
         frame = spark.createDataFrame(rows, "batch_id string, path string, split string, v double")
         frame = samples.with_hash(frame)
         before = len(state.get("deltas") or [])
-        state = samples.update(spark, state, frame, size, "split", str(tmp_path / f"run={r}"))
+        # Every other run says how many rows it offers per stratum, as the steps do (they count them for
+        # their checks): the sample must come out the same either way.
+        known = {s: sum(1 for x in rows if x[2] == s) for s in {x[2] for x in rows}} if r % 2 else None
+        state = samples.update(spark, state, frame, size, "split", str(tmp_path / f"run={r}"), rows=known)
         kinds.append(
             ("delta" if len(state["deltas"]) > before else "base")
             + (" full" if samples.is_full(state) else "")
@@ -43,3 +46,28 @@ def test_bottom_n_per_stratum_across_runs(spark, tmp_path):
     assert kinds[:3] == ["base", "delta", "delta"], kinds
     assert "base full" in kinds and kinds[-1] == "delta full", kinds
     assert len(state["deltas"]) <= samples.MAX_DELTAS
+
+
+def test_a_prefilter_told_the_row_counts_keeps_the_same_rows_and_runs_no_job_under_size(spark):
+    """prefilter(rows=...) (what the steps pass): a stratum offering fewer rows than the size is kept whole
+    without a Spark job; one offering more is cut to exactly its bottom `size`, as without the counts."""
+    from fruits_jobs import samples
+
+    size = 5
+    rows = [(f"s3://x/{s}/{i}.jpg", s) for s, n in (("small", 3), ("big", 12)) for i in range(n)]
+    frame = samples.with_hash(spark.createDataFrame(rows, "path string, split string"))
+    paths = lambda df: sorted(r["path"] for r in df.select("path").collect())  # noqa: E731
+    tracker = spark.sparkContext.statusTracker()
+
+    spark.sparkContext.setJobGroup("under", "prefilter, every stratum under its size")
+    small_only = samples.prefilter(frame.where("split = 'small'"), size, "split", {"small": 3})
+    assert tracker.getJobIdsForGroup("under") == []  # planning it ran nothing
+    assert len(paths(small_only)) == 3
+
+    told = samples.prefilter(frame, size, "split", {"small": 3, "big": 12})
+    found = samples.prefilter(frame, size, "split")
+    by_hash = sorted((r["h"], r["path"]) for r in frame.where("split = 'big'").collect())
+    expected_big = {p for _, p in by_hash[:size]}
+    assert paths(told) == paths(found)
+    assert set(paths(told)) == expected_big | {p for p, s in rows if s == "small"}
+    spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)

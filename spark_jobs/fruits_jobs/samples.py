@@ -121,17 +121,26 @@ def _bottom_with_gen(frame: DataFrame, size: int, stratum_col: str) -> DataFrame
     return _ranked(frame, size, stratum_col).select("path", "_gen")
 
 
-def _prefilter(offered: DataFrame, size: int, stratum_col: str) -> DataFrame:
+def prefilter(
+    offered: DataFrame, size: int, stratum_col: str, rows: dict[str, int] | None = None
+) -> DataFrame:
     """Only the rows that can be in a bottom-`size`: per stratum, h up to its size-th smallest value (a
-    top-k per task on one double column, no sort of the vectors). Bounds what the window sorts."""
+    top-k per task on one double column, no sort of the vectors). Bounds what the window sorts.
+
+    `rows`: {stratum: rows offered, at most}, when the caller knows it (the steps count their rows per
+    batch anyway): a stratum offering fewer than `size` rows keeps them all, so it costs no Spark job, and
+    neither does finding the strata. Only a bound: the ranking that follows keeps exactly the bottom N."""
     cut = F.lit(NOT_FULL)
-    strata = [r[0] for r in offered.select(stratum_col).distinct().collect()]
+    if rows is None:
+        strata = [r[0] for r in offered.select(stratum_col).distinct().collect()]
+    else:
+        strata = [stratum for stratum, n in rows.items() if n >= size]
     for stratum in strata:
         top = offered.where(F.col(stratum_col) == F.lit(stratum)).select("h").orderBy("h").limit(size)
         row = top.agg(F.count("*").alias("n"), F.max("h").alias("t")).collect()[0]
         if row["n"] >= size:
             cut = F.when(F.col(stratum_col) == F.lit(stratum), F.lit(float(row["t"]))).otherwise(cut)
-    return offered.where(F.col("h") <= cut)
+    return offered.where(F.col("h") <= cut) if strata else offered
 
 
 def update(
@@ -142,11 +151,13 @@ def update(
     stratum_col: str,
     out_uri: str,
     prefiltered: bool = False,
+    rows: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Offer rows (a DataFrame with path, stratum_col and the sampled columns) to the sample; writes a
     delta or a new base at out_uri and returns the new state (the caller writes it as the candidate).
-    `prefiltered`: the offer already holds at most `size` rows per stratum (the caller ran _prefilter on
-    it), so a compaction does not run those jobs again."""
+    `prefiltered`: the offer already holds at most `size` rows per stratum (the caller ran prefilter on
+    it), so a compaction does not run those jobs again. `rows`: {stratum: rows offered, at most}, when the
+    caller knows it (see prefilter)."""
     part = dict(part or {})
     if part and int(part.get("size", size)) != size:
         part = {}  # another sample size: start again from what is offered
@@ -155,8 +166,11 @@ def update(
     thresholds = part.get("threshold") or {}
     deltas = list(part.get("deltas") or [])
     if part.get("base") and len(deltas) < MAX_DELTAS:
-        fresh = fresh.cache()
-        added = fresh.count()
+        if rows is not None and all(t is None for t in thresholds.values()):
+            added = sum(rows.values())  # no threshold yet: the offer is kept whole, its rows are known
+        else:
+            fresh = fresh.cache()
+            added = fresh.count()
         if is_full(part):  # only the rows under each threshold; a new stratum needs one set: compaction
             fits = not {r[0] for r in fresh.select(stratum_col).distinct().collect()} - set(thresholds)
         else:
@@ -172,7 +186,7 @@ def update(
             return {**part, "deltas": deltas, "rows": int(part.get("rows", 0)) + added, "size": size}
     # Compaction: rewrite the base as the bottom-N per stratum of everything kept so far plus the offer.
     stored = _stored(spark, part)
-    bounded = fresh if prefiltered else _prefilter(fresh, size, stratum_col)
+    bounded = fresh if prefiltered else prefilter(fresh, size, stratum_col, rows)
     frame = bounded.withColumn("_gen", F.lit(len(stored)))
     for other in stored:
         frame = other.unionByName(frame, allowMissingColumns=True)

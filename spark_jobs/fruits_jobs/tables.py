@@ -149,12 +149,32 @@ def unmatched_paths(left: DataFrame, right: DataFrame) -> tuple[dict[str, int], 
     return only_left, only_right
 
 
-def read_partitions(spark: SparkSession, root: str, batches: list[str], prefix: str = "") -> DataFrame | None:
-    """The named batch partitions of a table (with batch_id as a column); None when none exists."""
+# The tables' schemas as the steps write them (batch_id: the partition column). Read with them, Spark skips
+# the job it runs to infer a schema from a file's footer: one Spark job less per read, and a small step
+# is mostly such jobs (docs/performance.md).
+EMBEDDINGS_SCHEMA = (
+    "path string, label string, content_sha256 string, size_bytes long, embedding array<float>, "
+    "model_id string, engine string, batch_id string"
+)
+REJECTS_SCHEMA = (
+    "path string, label string, content_sha256 string, size_bytes long, reason string, batch_id string"
+)
+FEATURES_SCHEMA = (
+    "path string, label string, content_sha256 string, features array<float>, pca_version string, "
+    "model_id string, batch_id string"
+)
+
+
+def read_partitions(
+    spark: SparkSession, root: str, batches: list[str], prefix: str = "", schema: str | None = None
+) -> DataFrame | None:
+    """The named batch partitions of a table (with batch_id as a column); None when none exists.
+    `schema`: the table's (above), so that Spark does not run a job to read it from a footer."""
     from fruits_jobs import sparkio
 
     base = root.rstrip("/") + ("/" + prefix.strip("/") if prefix else "")
     present = [f"{base}/batch_id={b}" for b in batches if sparkio.exists(spark, f"{base}/batch_id={b}")]
     if not present:
         return None
-    return spark.read.option("basePath", base).parquet(*present)
+    reader = spark.read.option("basePath", base)
+    return (reader.schema(schema) if schema else reader).parquet(*present)
