@@ -361,7 +361,7 @@ def update_fit_sample(
         rows = {"all": embedded}
     elif sparkio.exists(spark, args.embeddings_out):
         log.info("no fit sample yet: offering every embedding in %s once", args.embeddings_out)
-        offered = spark.read.parquet(args.embeddings_out)
+        offered = spark.read.schema(tables.EMBEDDINGS_SCHEMA).parquet(args.embeddings_out)
     else:
         offered = None
     if offered is None:  # nothing embedded in this run: the sample stays as it is

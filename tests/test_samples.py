@@ -46,6 +46,14 @@ def test_bottom_n_per_stratum_across_runs(spark, tmp_path):
     assert kinds[:3] == ["base", "delta", "delta"], kinds
     assert "base full" in kinds and kinds[-1] == "delta full", kinds
     assert len(state["deltas"]) <= samples.MAX_DELTAS
+    # The state records its folders' schema, so reading them runs no job to infer one from a footer.
+    assert state["deltas"] and "schema" in state
+    tracker = spark.sparkContext.statusTracker()
+    spark.sparkContext.setJobGroup("stored", "the sample's folders, read")
+    stored = samples._stored(spark, state)
+    assert tracker.getJobIdsForGroup("stored") == []
+    assert len(stored) == 1 + len(state["deltas"])
+    spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
 
 
 def test_a_prefilter_told_the_row_counts_keeps_the_same_rows_and_runs_no_job_under_size(spark):
