@@ -8,6 +8,7 @@ real S3 server, as a crash or a careless hand would leave them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -208,6 +209,25 @@ def test_wrong_parameters_fail_fast_with_a_message(airflow_db, s3_server, conf, 
     with pytest.raises(ParamError) as exc:
         preflight(catalog(), parse_params(conf, settings()))
     assert message in str(exc.value)
+
+
+def test_an_unready_batch_put_ready_as_advised_is_taken(airflow_db, s3_server):
+    """The _READY refusal's two commands, followed literally (the put-object as boto3 makes it, the trigger
+    conf parsed from the message): the marker is there and the batch gets past check_params and is taken."""
+    from fruits.plan import find_batches
+
+    fresh_bucket()
+    upload_sample("unready", sample_files("Training", labels=1, per_label=2), ready=False)
+    with pytest.raises(ParamError) as exc:
+        preflight(catalog(), parse_params({"batch_ids": ["unready"]}, settings()))
+    put = re.search(r"`aws s3api put-object --bucket (\S+) --key (\S+)`", str(exc.value))
+    trigger = re.search(r"`airflow dags trigger fruits_embeddings --conf '(.+?)'`", str(exc.value))
+    assert put and trigger, str(exc.value)
+    s3_hook().get_conn().put_object(Bucket=put.group(1), Key=put.group(2))
+    params = parse_params(json.loads(trigger.group(1)), settings())
+    preflight(catalog(), params)
+    found = find_batches(catalog(), params, "manual__probe")
+    assert found is not None and (found["batches"], found["photos"]) == (1, 2)
 
 
 def test_missing_bucket_fails_fast(airflow_db, s3_server, monkeypatch):

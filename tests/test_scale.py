@@ -11,9 +11,10 @@ vectors, so none are written. No EMR cluster is created here: the cost guard ref
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -411,12 +412,17 @@ def test_noop_run_with_hundreds_of_batches_behind_it_stays_cheap(airflow_db, s3_
     assert set(list_keys("")) == before  # and nothing is written
 
 
-def test_cost_guard_refuses_before_creating_anything(airflow_db, s3_server):
+def test_cost_guard_refuses_before_creating_anything(airflow_db, s3_server, monkeypatch):
     from fruits.config import instance_types, settings
     from fruits.plan import size_cluster
     from test_emr import captured_log
 
     fresh_bucket()
+    # Versioned, so that the claim the run took and released can be read back: its lease must be the
+    # FRUITS_CLAIM_LEASE_S the DAG's claim_batches was given.
+    client = s3_hook().get_conn()
+    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    monkeypatch.setenv("FRUITS_CLAIM_LEASE_S", "4321")
     upload_sample("costly", sample_files("Training", labels=2, per_label=2))
     # Worked out here from the settings and the price table, not by the plan's own function: 4 photos on
     # the minimum of 2 core nodes + 1 primary (m5.xlarge, 4 vCPUs), with a PCA fit (first model).
@@ -444,6 +450,77 @@ def test_cost_guard_refuses_before_creating_anything(airflow_db, s3_server):
     assert emr.list_clusters()["Clusters"] == []
     assert not list_keys("ledger/claims/") and not list_keys("ledger/batches/")
     assert not list_keys("artifacts/jobs/")  # nothing staged for a cluster either
+    versions = client.list_object_versions(Bucket=BUCKET, Prefix="ledger/claims/costly.json")
+    assert len(versions["Versions"]) == 1 and len(versions["DeleteMarkers"]) == 1  # taken, released
+    claim = json.loads(
+        client.get_object(
+            Bucket=BUCKET, Key="ledger/claims/costly.json", VersionId=versions["Versions"][0]["VersionId"]
+        )["Body"].read()
+    )
+    leased = datetime.fromisoformat(claim["expires_at"]) - datetime.fromisoformat(claim["claimed_at"])
+    assert claim["run_id"] == dagrun.run_id and abs(leased - timedelta(seconds=4321)) < timedelta(seconds=1)
+    # The message's way out, followed literally: the one batch alone is above the limit, so only the
+    # named max_cost_usd can help, and with it the same batches get past the guard (the plan, as plan_run
+    # calls it: a real cluster needs the EMR harness of test_emr).
+    assert "a lower max_images_per_run cannot help" in text
+    advised = re.search(r"Set max_cost_usd=([0-9.]+) or more", text)
+    assert advised and float(advised.group(1)) == expected
+    plan = _plan_as_plan_run({"compute": "emr", "max_cost_usd": float(advised.group(1))})
+    assert plan["sizing"]["expected_cost_usd"] == expected
+
+
+def _plan_as_plan_run(conf: dict[str, Any]) -> dict[str, Any]:
+    """find, claim and plan as the DAG's tasks do (raising what plan_run would fail with); the claims
+    are released whatever happens, as plan_run's failure path does."""
+    from fruits.catalog import Catalog
+    from fruits.config import settings
+    from fruits.layout import Layout
+    from fruits.plan import (
+        build_plan,
+        claim_batches,
+        claimed_batches,
+        find_batches,
+        parse_params,
+        preflight,
+        release_claims,
+    )
+
+    catalog, s = Catalog(s3_hook(), Layout(BUCKET)), settings()
+    params = parse_params(conf, s)
+    preflight(catalog, params)
+    found = find_batches(catalog, params, "manual__probe")
+    assert found is not None
+    claimed = claim_batches(catalog, found, "manual__probe", timedelta(minutes=5))
+    try:
+        return build_plan(catalog, params, claimed_batches(catalog, claimed), "manual__probe", s, found=found)
+    finally:
+        release_claims(catalog, claimed, "manual__probe")
+
+
+def test_cost_guard_names_the_max_images_per_run_that_fits_and_it_does(airflow_db, s3_server, monkeypatch):
+    """Two batches whose photos (at a slow enough rate) cost more together than the limit, the oldest
+    alone less: the refusal names max_images_per_run = the oldest's photos; set, the run takes only that
+    batch and gets past the guard; the other waits."""
+    from fruits.config import settings
+    from fruits.plan import CostLimitExceeded, size_cluster
+
+    monkeypatch.setenv("FRUITS_EMR_PHOTOS_PER_S_PER_VCPU", "0.001")  # photos, not startup, make the cost
+    fresh_bucket()
+    upload_sample("costly-a", sample_files("Training", labels=2, per_label=2))
+    upload_sample("costly-b", sample_files("Training", labels=2, per_label=3))
+    s = settings()
+    alone, both = (size_cluster(n, n, True, s)["expected_cost_usd"] for n in (4, 10))
+    assert alone < both
+    with pytest.raises(CostLimitExceeded) as refused:
+        _plan_as_plan_run({"compute": "emr", "max_cost_usd": alone})
+    message = str(refused.value)
+    assert f"estimated at {both:.2f} USD, above max_cost_usd={alone:.2f}" in message
+    assert "set max_images_per_run=4 (param, or FRUITS_MAX_IMAGES_PER_RUN)" in message
+    assert "its oldest 1 batch(es), 4 photos" in message
+    assert not list_keys("ledger/claims/")  # handed back
+    plan = _plan_as_plan_run({"compute": "emr", "max_cost_usd": alone, "max_images_per_run": 4})
+    assert plan["sizing"]["photos"] == 4 and plan["sizing"]["expected_cost_usd"] <= alone
+    assert plan["deferred"]["batches"] == 1 and plan["deferred"]["photos"] == 6
 
 
 def _xcoms(dagrun) -> dict[str, Any]:

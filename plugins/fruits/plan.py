@@ -13,12 +13,12 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fruits.catalog import Catalog, CatalogError, pmap
+from fruits.catalog import Catalog, CatalogError, pmap, trigger_command
 from fruits.config import COMPUTE_BACKENDS, ENGINES, EU_REGIONS, PCA_MODES, Settings, instance_types
 from fruits.layout import BATCH_ID_RE, Layout
 from fruits.onnx_model import ensure_onnx
@@ -159,9 +159,13 @@ def preflight(catalog: Catalog, p: RunParams) -> None:
             )
         not_ready = [b for b in missing if b not in unknown]
         if not_ready:
+            marker = catalog.layout.ready_key(not_ready[0])
             raise ParamError(
-                f"batch(es) {not_ready} have no _READY marker: their upload may be incomplete. "
-                "Put the marker once the upload is complete, then trigger again."
+                f"batch(es) {not_ready} have no _READY marker: their upload may be incomplete. Once it "
+                f"is complete, put the marker (an empty object): `aws s3api put-object --bucket {bucket} "
+                f"--key {marker}`"
+                + (" (and the same for each of the others)" if len(not_ready) > 1 else "")
+                + f", then trigger again: {trigger_command({'batch_ids': list(p.batch_ids)})}."
             )
     catalog.check_state(refit=p.refit, redo=p.batch_ids if p.force else ())
 
@@ -338,18 +342,51 @@ def size_cluster(photos: int, transform_rows: int, fit: bool, s: Settings) -> di
     }
 
 
-def check_cost(sizing: dict[str, Any], p: RunParams) -> None:
+def check_cost(
+    sizing: dict[str, Any],
+    p: RunParams,
+    s: Settings,
+    fit: bool,
+    old_rows: int,
+    oldest_first: Callable[[], list[int]],
+) -> None:
+    """Refuse a cluster estimated above max_cost_usd, saying which value of which param gets this run
+    under it. `oldest_first()`: the photos of each batch, in the order find_batches takes them (only
+    read when the limit is exceeded); a run takes at least one whole batch, so a lower
+    max_images_per_run helps only down to the oldest batch."""
     cost, limit = sizing["expected_cost_usd"], p.max_cost_usd
-    if limit and cost > limit:
-        raise CostLimitExceeded(
-            f"the EMR cluster for this run is estimated at {cost:.2f} USD, above max_cost_usd={limit:.2f}: "
-            f"{sizing['core_nodes']} x {sizing['core_type']} core + 1 x {sizing['primary_type']} primary "
-            f"at {sizing['usd_per_hour']:.3f} USD/h for about {sizing['expected_s']['total'] / 3600:.2f} h "
-            f"({sizing['photos']} photos to embed, {sizing['transform_rows']} rows to transform). No cluster "
-            "was created and the batches' claims are released. Raise max_cost_usd (param, or "
-            "FRUITS_MAX_COST_USD), or lower max_images_per_run so that this run takes fewer photos (the "
-            "rest waits for the next run)."
+    if not limit or cost <= limit:
+        return
+
+    def cost_of(photos: int) -> float:
+        return float(size_cluster(photos, photos + old_rows, fit, s)["expected_cost_usd"])
+
+    taken = batches = 0
+    for n in oldest_first():
+        if cost_of(taken + n) > limit:
+            break
+        taken, batches = taken + n, batches + 1
+    if batches:
+        fewer = (
+            f"or set max_images_per_run={taken} (param, or FRUITS_MAX_IMAGES_PER_RUN): the run then takes "
+            f"its oldest {batches} batch(es), {taken} photos, estimated at {cost_of(taken):.2f} USD, and the "
+            "rest waits for the next run"
         )
+    else:
+        first = next(iter(oldest_first()), 0)
+        fewer = (
+            "a lower max_images_per_run cannot help: a run takes at least one whole batch, and the oldest "
+            f"alone ({first} photos) is estimated at {cost_of(first):.2f} USD (a cluster's startup is most "
+            "of it)"
+        )
+    raise CostLimitExceeded(
+        f"the EMR cluster for this run is estimated at {cost:.2f} USD, above max_cost_usd={limit:.2f}: "
+        f"{sizing['core_nodes']} x {sizing['core_type']} core + 1 x {sizing['primary_type']} primary "
+        f"at {sizing['usd_per_hour']:.3f} USD/h for about {sizing['expected_s']['total'] / 3600:.2f} h "
+        f"({sizing['photos']} photos to embed, {sizing['transform_rows']} rows to transform). No cluster "
+        f"was created and the batches' claims are released. Set max_cost_usd={cost:.2f} or more (param, "
+        f"or FRUITS_MAX_COST_USD) to run them all, {fewer}."
+    )
 
 
 def build_plan(
@@ -436,7 +473,12 @@ def build_plan(
             sizing["expected_cost_usd"],
             p.max_cost_usd or "none",
         )
-        check_cost(sizing, p)  # before any file, export or cluster
+
+        def oldest_first() -> list[int]:  # find_batches' order, from its candidates file
+            order = [c["batch_id"] for c in catalog.read_run_file(found["key"])["take"]] if found else new
+            return [files[b] for b in order if b in files]
+
+        check_cost(sizing, p, s, fit, old_rows, oldest_first)  # before any file, export or cluster
     else:
         log.info("local Spark: %d photo(s) to embed, %d row(s) to transform", photos, photos + old_rows)
 
