@@ -92,11 +92,13 @@ setup: venv jars blas
 demo: setup
 	@$(BIN)/python scripts/devstack.py demo --data "$(DATA)"
 
-# Two pytest-xdist workers, each with its own S3 server, Airflow database and work folder (tests/conftest.py),
-# one test module at a time: a DAG run leaves a core idle most of its time (JVM starts, Python imports,
-# Airflow's bookkeeping), which the other worker fills. TEST_WORKERS=0 runs the suite in one process.
+# Three pytest-xdist workers, each with its own S3 server, Airflow database and work folder
+# (tests/conftest.py), one test module at a time: a DAG run leaves a core idle much of its time (JVM starts,
+# Python imports, Airflow's bookkeeping, waits on S3), which the other workers fill. On 2 cores, fresh
+# clones, one after the other: 682 s with two workers, 653 s with three (docs/performance.md, ninth round).
+# TEST_WORKERS=0 runs the suite in one process.
 # --no-loadscope-reorder: the modules go in conftest's order (longest first), not by their test count.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: setup chromium
 	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
