@@ -53,14 +53,23 @@ def test_run_dying_before_validation_is_redone_and_nothing_half_written_is_trust
     files = sample_files("Training", labels=3, per_label=3)
     upload_sample("crashy", files)
 
+    # A model pointer in place (as a commit writes it), so that "not moved" can fail: a refit ignores
+    # the current model, fits a new one, and only a validated commit may point at it.
+    pointer = json.dumps({"version": "pca-earlier", "k": 2}).encode()
+    s3_hook().load_bytes(pointer, "models/pca/CURRENT.json", BUCKET, replace=True)
+    etag = s3_hook().head_object("models/pca/CURRENT.json", BUCKET)["ETag"]
+
     # PCA fails (k above the 9 rows it can fit on) after embed has written its partition.
-    broken = run_dag({"pca_mode": "fixed", "pca_k": 500})
+    broken = run_dag({"refit": True, "pca_mode": "fixed", "pca_k": 500})
     states = task_states(broken)
     assert failed(broken)
     assert (states["embed"], states["pca"]) == ("success", "failed")
     assert states["validate"] != "success" and states["commit"] != "success"
-    assert not list_keys("ledger/batches/") and not list_keys("models/pca/CURRENT.json")
+    assert not list_keys("ledger/batches/")
+    assert s3_hook().head_object("models/pca/CURRENT.json", BUCKET)["ETag"] == etag  # not moved
+    assert [k for k in list_keys("models/pca/") if k.endswith("metadata.json")] == []  # nothing loadable
     assert not list_keys("ledger/claims/")  # the teardown handed the batch back
+    s3_hook().delete_objects(BUCKET, ["models/pca/CURRENT.json"])  # the seeded pointer named no model
     assert read_parquet("embeddings/batch_id=crashy/").num_rows == len(files)  # written, but not trusted
 
     # A crashed writer's leftover: a duplicate part file inside the partition.

@@ -362,7 +362,8 @@ def check_cost(
         return float(size_cluster(photos, photos + old_rows, fit, s)["expected_cost_usd"])
 
     taken = batches = 0
-    for n in oldest_first():
+    per_batch = oldest_first()
+    for n in per_batch:
         if cost_of(taken + n) > limit:
             break
         taken, batches = taken + n, batches + 1
@@ -373,7 +374,7 @@ def check_cost(
             "rest waits for the next run"
         )
     else:
-        first = next(iter(oldest_first()), 0)
+        first = per_batch[0] if per_batch else 0
         fewer = (
             "a lower max_images_per_run cannot help: a run takes at least one whole batch, and the oldest "
             f"alone ({first} photos) is estimated at {cost_of(first):.2f} USD (a cluster's startup is most "
