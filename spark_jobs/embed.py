@@ -50,7 +50,6 @@ log = sparkio.get_logger("fruits.embed")
 FIT_SAMPLE_ROWS = 30_000
 # Photos per Spark task: enough to amortise a task's start, few enough to keep every core busy to the end.
 IMAGES_PER_TASK = 256
-EMBEDDINGS_SCHEMA = "batch_id, path, label, content_sha256, size_bytes, embedding, model_id, engine"
 VECTOR_TYPE = T.ArrayType(T.FloatType(), containsNull=False)
 # What the Python worker answers for every photo it was given (mapInArrow): the input's columns, then
 # what reading, decoding and the model made of it; `reason` is null exactly when `embedding` is not.
@@ -461,15 +460,15 @@ def main(argv: list[str]) -> int:
         sparkio.remove_partitions_not_written(spark, table, batches, set(counts))
     written = time.monotonic()
     result.unpersist()
+    embedded = sum(c["embedded"] for c in per_batch.values())
 
     if args.validation_out:
         checks = validation(spark, args, batches, listed, mid)
         sparkio.write_json(spark, args.validation_out, checks)
-        update_fit_sample(spark, args, batches, sum(c["embedded"] for c in per_batch.values()))
+        update_fit_sample(spark, args, batches, embedded)
     validated = time.monotonic()
 
     seconds = time.monotonic() - started
-    embedded = sum(c["embedded"] for c in per_batch.values())
     metrics = {
         "step": "embed",
         "model_id": mid,

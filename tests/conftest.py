@@ -315,6 +315,22 @@ def read_parquet(prefix: str):
     return pa.concat_tables(tables) if tables else None
 
 
+def assert_written_as_read(table, ddl: str) -> None:
+    """A table as a step wrote it (pyarrow, from its partition files) has exactly the columns and types of
+    the schema the steps read it with (fruits_jobs.tables.*_SCHEMA, Spark DDL), the partition column
+    aside: a column written but not in the schema would be dropped on read, one missing read as null."""
+    import pyarrow as pa
+
+    def spark_type(t: pa.DataType) -> str:
+        if pa.types.is_list(t):
+            return f"array<{spark_type(t.value_type)}>"
+        return {pa.string(): "string", pa.int64(): "long", pa.float32(): "float"}[t]
+
+    expected = dict(column.split(" ", 1) for column in ddl.split(", "))
+    expected.pop("batch_id")  # the partition column: in the folder names, not in the files
+    assert {f.name: spark_type(f.type) for f in table.schema} == expected
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

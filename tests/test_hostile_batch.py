@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import (
     BUCKET,
+    assert_written_as_read,
     captured_log,
     list_keys,
     read_json,
@@ -20,6 +21,7 @@ from conftest import (
     task_states,
     upload,
 )
+from fruits_jobs import tables
 from hostile import hostile_files
 
 BATCH = "hostile"
@@ -72,6 +74,7 @@ def test_every_file_is_embedded_or_rejected_with_its_reason(hostile_run):
         if fragment is not None:
             assert fragment in rejected[uri(rel)], (rel, rejected[uri(rel)])
     assert len(embedded) + len(rejected) == len(expect)  # nothing lost, nothing counted twice
+    assert_written_as_read(rej, tables.REJECTS_SCHEMA)
     vectors = np.array(emb.column("embedding").to_pylist(), dtype=np.float32)
     assert vectors.shape == (len(embedded), 1280) and np.isfinite(vectors).all()
 

@@ -24,6 +24,7 @@ from chromium import browser
 from conftest import (
     BUCKET,
     WEIGHTS,
+    assert_written_as_read,
     list_keys,
     read_json,
     read_parquet,
@@ -36,6 +37,7 @@ from conftest import (
     weights_model_id,
 )
 from fruits.layout import Layout
+from fruits_jobs import tables
 
 B1, B2, B3 = "b1-training", "b2-test", "b3-not-ready"
 N_LABELS, PER_LABEL, TEST_PER_LABEL = 24, 3, 2
@@ -84,6 +86,7 @@ def test_full_run_outputs(first_run):
 
     emb = read_parquet(f"embeddings/batch_id={B1}/")
     assert emb.num_rows == len(files) == N_LABELS * PER_LABEL
+    assert_written_as_read(emb, tables.EMBEDDINGS_SCHEMA)
     labels = emb.column("label").to_pylist()
     assert {lab: labels.count(lab) for lab in set(labels)} == {p.parent.name: PER_LABEL for p in files}
     assert sorted(emb.column("path").to_pylist()) == sorted(
@@ -119,6 +122,7 @@ def test_full_run_outputs(first_run):
 
     feats = read_parquet(f"features/pca_version={current['version']}/batch_id={B1}/")
     assert feats.num_rows == len(files)
+    assert_written_as_read(feats, tables.FEATURES_SCHEMA)
     fv = np.array(feats.column("features").to_pylist(), dtype=np.float32)
     assert fv.shape == (len(files), k) and np.isfinite(fv).all()
     # PCA scores of standardised data are centred, and component variances decrease.

@@ -166,7 +166,7 @@ FEATURES_SCHEMA = (
 
 
 def read_partitions(
-    spark: SparkSession, root: str, batches: list[str], prefix: str = "", schema: str | None = None
+    spark: SparkSession, root: str, batches: list[str], schema: str, prefix: str = ""
 ) -> DataFrame | None:
     """The named batch partitions of a table (with batch_id as a column); None when none exists.
     `schema`: the table's (above), so that Spark does not run a job to read it from a footer."""
@@ -176,5 +176,4 @@ def read_partitions(
     present = [f"{base}/batch_id={b}" for b in batches if sparkio.exists(spark, f"{base}/batch_id={b}")]
     if not present:
         return None
-    reader = spark.read.option("basePath", base)
-    return (reader.schema(schema) if schema else reader).parquet(*present)
+    return spark.read.option("basePath", base).schema(schema).parquet(*present)
