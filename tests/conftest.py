@@ -315,6 +315,37 @@ def read_parquet(prefix: str):
     return pa.concat_tables(tables) if tables else None
 
 
+def plan_as_plan_run(conf: dict) -> dict:
+    """check_params, find, claim and plan as the DAG's tasks do them (raising what check_params or
+    plan_run would fail with), without a step: the claims are released whatever happens, as the run's
+    teardown does."""
+    from datetime import timedelta
+
+    from fruits.catalog import Catalog
+    from fruits.config import settings
+    from fruits.layout import Layout
+    from fruits.plan import (
+        build_plan,
+        claim_batches,
+        claimed_batches,
+        find_batches,
+        parse_params,
+        preflight,
+        release_claims,
+    )
+
+    catalog, s = Catalog(s3_hook(), Layout(BUCKET)), settings()
+    params = parse_params(conf, s)
+    preflight(catalog, params)
+    found = find_batches(catalog, params, "manual__probe")
+    assert found is not None
+    claimed = claim_batches(catalog, found, "manual__probe", timedelta(minutes=5))
+    try:
+        return build_plan(catalog, params, claimed_batches(catalog, claimed), "manual__probe", s, found=found)
+    finally:
+        release_claims(catalog, claimed, "manual__probe")
+
+
 def assert_written_as_read(table, ddl: str) -> None:
     """A table as a step wrote it (pyarrow, from its partition files) has exactly the columns and types of
     the schema the steps read it with (fruits_jobs.tables.*_SCHEMA, Spark DDL), the partition column

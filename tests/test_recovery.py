@@ -21,6 +21,7 @@ from conftest import (
     REPO,
     fresh_bucket,
     list_keys,
+    plan_as_plan_run,
     read_json,
     read_parquet,
     restore_bucket,
@@ -115,10 +116,6 @@ def test_lost_pointer_or_model_refit_as_advised_fits_a_new_one(history):
     """The model pointer lost: its advice (refit) is planned as a fit over every processed batch. Then the
     model itself lost too: the same advice, run for real, fits a new version and makes the bookkeeping
     whole again."""
-    from datetime import timedelta
-
-    from fruits.plan import build_plan, claim_batches, claimed_batches, find_batches, release_claims
-
     n = from_history(history)
     old = read_json("models/pca/CURRENT.json")["version"]
     s3_hook().delete_objects(BUCKET, ["models/pca/CURRENT.json"])
@@ -126,12 +123,8 @@ def test_lost_pointer_or_model_refit_as_advised_fits_a_new_one(history):
     assert "models/pca/CURRENT.json is missing" in pointer_lost
     conf = trigger_conf(pointer_lost)
     assert conf == {"refit": True}
-    params = parse_params(conf, settings())
-    preflight(catalog(), params)  # gets past check_params, and past the plan (the issue's bug)
-    found = find_batches(catalog(), params, "manual__probe")
-    claimed = claim_batches(catalog(), found, "manual__probe", timedelta(minutes=5))
-    plan = build_plan(catalog(), params, claimed_batches(catalog(), claimed), "manual__probe", settings())
-    release_claims(catalog(), claimed, "manual__probe")
+    plan = plan_as_plan_run(conf)  # gets past check_params, and past the plan (the issue's bug)
+    assert not list_keys("ledger/claims/")  # handed back
     assert plan["pca"]["fit"] and plan["pca"]["version"] != old and plan["new_batches"] == 0
     assert read_json(plan["keys"]["pca_batches.json"]) == {"fit": [KEPT], "transform": [KEPT]}
 

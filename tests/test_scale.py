@@ -24,6 +24,7 @@ from conftest import (
     ENDPOINT,
     fresh_bucket,
     list_keys,
+    plan_as_plan_run,
     read_json,
     read_parquet,
     run_dag,
@@ -465,36 +466,8 @@ def test_cost_guard_refuses_before_creating_anything(airflow_db, s3_server, monk
     assert "a lower max_images_per_run cannot help" in text
     advised = re.search(r"Set max_cost_usd=([0-9.]+) or more", text)
     assert advised and float(advised.group(1)) == expected
-    plan = _plan_as_plan_run({"compute": "emr", "max_cost_usd": float(advised.group(1))})
+    plan = plan_as_plan_run({"compute": "emr", "max_cost_usd": float(advised.group(1))})
     assert plan["sizing"]["expected_cost_usd"] == expected
-
-
-def _plan_as_plan_run(conf: dict[str, Any]) -> dict[str, Any]:
-    """find, claim and plan as the DAG's tasks do (raising what plan_run would fail with); the claims
-    are released whatever happens, as plan_run's failure path does."""
-    from fruits.catalog import Catalog
-    from fruits.config import settings
-    from fruits.layout import Layout
-    from fruits.plan import (
-        build_plan,
-        claim_batches,
-        claimed_batches,
-        find_batches,
-        parse_params,
-        preflight,
-        release_claims,
-    )
-
-    catalog, s = Catalog(s3_hook(), Layout(BUCKET)), settings()
-    params = parse_params(conf, s)
-    preflight(catalog, params)
-    found = find_batches(catalog, params, "manual__probe")
-    assert found is not None
-    claimed = claim_batches(catalog, found, "manual__probe", timedelta(minutes=5))
-    try:
-        return build_plan(catalog, params, claimed_batches(catalog, claimed), "manual__probe", s, found=found)
-    finally:
-        release_claims(catalog, claimed, "manual__probe")
 
 
 def test_cost_guard_names_the_max_images_per_run_that_fits_and_it_does(airflow_db, s3_server, monkeypatch):
@@ -512,13 +485,13 @@ def test_cost_guard_names_the_max_images_per_run_that_fits_and_it_does(airflow_d
     alone, both = (size_cluster(n, n, True, s)["expected_cost_usd"] for n in (4, 10))
     assert alone < both
     with pytest.raises(CostLimitExceeded) as refused:
-        _plan_as_plan_run({"compute": "emr", "max_cost_usd": alone})
+        plan_as_plan_run({"compute": "emr", "max_cost_usd": alone})
     message = str(refused.value)
     assert f"estimated at {both:.2f} USD, above max_cost_usd={alone:.2f}" in message
     assert "set max_images_per_run=4 (param, or FRUITS_MAX_IMAGES_PER_RUN)" in message
     assert "its oldest 1 batch(es), 4 photos" in message
     assert not list_keys("ledger/claims/")  # handed back
-    plan = _plan_as_plan_run({"compute": "emr", "max_cost_usd": alone, "max_images_per_run": 4})
+    plan = plan_as_plan_run({"compute": "emr", "max_cost_usd": alone, "max_images_per_run": 4})
     assert plan["sizing"]["photos"] == 4 and plan["sizing"]["expected_cost_usd"] <= alone
     assert plan["deferred"]["batches"] == 1 and plan["deferred"]["photos"] == 6
 
