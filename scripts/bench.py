@@ -422,17 +422,24 @@ def noop_dag_run() -> tuple[float, str, dict[str, str]]:
     return seconds, state, {t: v["state"] for t, v in tasks.items()}
 
 
-def small_dag_run(hook, batch: str, tag: str) -> tuple[float, dict[str, float], dict[str, float]]:
-    """A whole DAG run on `batch`, a new batch of SMALL_BATCH_IMAGES photos: its seconds, each task's, and
-    its CPU seconds (dag_run)."""
+def small_dag_run(
+    hook, batch: str, tag: str
+) -> tuple[float, dict[str, float], dict[str, float], dict[str, int]]:
+    """A whole DAG run on `batch`, a new batch of SMALL_BATCH_IMAGES photos: its seconds, each task's, its
+    CPU seconds (dag_run) and the S3 requests the local server served during it, by operation."""
+    from counting_s3 import read_counts
+    from devstack import s3_endpoint
+
     migrate_airflow_db()
     upload(hook, BUCKET, f"incoming/{batch}/", replicated(SMALL_BATCH_IMAGES, tag))
     hook.load_string("", f"incoming/{batch}/_READY", BUCKET, replace=True)
+    read_counts(s3_endpoint(), reset=True)
     seconds, state, tasks, cpu = dag_run({"batch_ids": [batch]})
+    requests = read_counts(s3_endpoint())["s3"]
     if state != "success" or any(t["state"] not in ("success", "skipped") for t in tasks.values()):
         raise RuntimeError(f"small DAG run failed: {state} {tasks}")
     timed = {t: v["seconds"] for t, v in tasks.items() if v["state"] == "success" and v["seconds"]}
-    return seconds, dict(sorted(timed.items(), key=lambda kv: -kv[1])), cpu
+    return seconds, dict(sorted(timed.items(), key=lambda kv: -kv[1])), cpu, requests
 
 
 def curve(catalog, s, base, engines: list[str], cores: int, batch_sizes: list[int]) -> list[dict[str, Any]]:
@@ -546,7 +553,7 @@ def main() -> int:
         if "small" not in skip:
             # A first run makes the state a later run finds (ledger, PCA model, fit sample); the second,
             # timed, is the steady case: a new small batch on a pipeline that has run before.
-            first_s, _, _ = small_dag_run(hook, f"{SMALL_BATCH}-first", "fruits-bench-small-first")
+            first_s, *_ = small_dag_run(hook, f"{SMALL_BATCH}-first", "fruits-bench-small-first")
             say(f"first DAG run on {SMALL_BATCH_IMAGES} new photos (fits PCA): {first_s:.1f} s")
             load = load_avg()
             # Several timed runs, each on a new batch: one run's wall time moves by a quarter from one
@@ -554,17 +561,21 @@ def main() -> int:
             runs = []
             for i in range(args.small_runs):
                 batch = SMALL_BATCH if i == 0 else f"{SMALL_BATCH}-{i + 1}"
-                seconds, tasks, cpu = small_dag_run(hook, batch, f"fruits-{batch}")
-                runs.append((seconds, tasks, cpu))
+                seconds, tasks, cpu, requests = small_dag_run(hook, batch, f"fruits-{batch}")
+                runs.append((seconds, tasks, cpu, requests))
                 say(
-                    f"DAG run on {SMALL_BATCH_IMAGES} new photos: {seconds:.1f} s; by task {tasks}; CPU s {cpu}"
+                    f"DAG run on {SMALL_BATCH_IMAGES} new photos: {seconds:.1f} s; by task {tasks}; CPU s {cpu}; "
+                    f"S3 requests {requests}"
                 )
-            seconds, tasks, _ = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
+            seconds, tasks, *_ = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
             out["small_run_s"] = round(seconds, 1)
             extra["small_run_tasks_s"] = tasks  # the median run's
             extra["small_runs_s"] = [round(run[0], 1) for run in runs]
             # CPU seconds, machine noise aside: Airflow's process and the steps' processes, for each run.
             extra["small_runs_cpu_s"] = [run[2] for run in runs]
+            # Counts, which do not depend on the machine: every request of each run, and by operation.
+            extra["small_runs_s3_requests"] = [sum(run[3].values()) for run in runs]
+            extra["small_run_s3_requests_by_op"] = dict(sorted(runs[-1][3].items(), key=lambda kv: -kv[1]))
             extra["small_run_load_1min"] = [load, load_avg()]
 
         sample = list(images.values())

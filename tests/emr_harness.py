@@ -5,8 +5,9 @@ moto answers RunJobFlow, AddJobFlowSteps, DescribeStep, TerminateJobFlows..., bu
 
 - Each submitted step is RUN FOR REAL: its command-runner `spark-submit` argv, with the master set to the
   local Spark, the script and --py-files downloaded from S3 to a temp folder, s3:// rewritten to s3a://,
-  and this machine's Python and s3a settings appended (plugins/fruits/local_compute.py, the same helpers
-  as the local backend). Nothing else in the argv is changed, so the EMR tuning is what runs.
+  and this machine's Python, s3a and JVM settings appended (plugins/fruits/local_compute.py and
+  fruits.tuning.LOCAL_JVM_OPTIONS, as the local backend has them: the JIT and the collector, not Spark's
+  settings). Nothing else in the argv is changed, so the EMR tuning is what runs.
 - The step becomes COMPLETED or FAILED from the real exit code. Its stderr and stdout are written, gzipped,
   to LOGURI/CLUSTER_ID/steps/STEP_ID/ in S3, as EMR does, before the state changes.
 - ActionOnFailure is applied (CANCEL_AND_WAIT cancels the later steps; TERMINATE_CLUSTER also ends the
@@ -594,6 +595,7 @@ class EmrHarness:
         from fruits.config import settings
         from fruits.local_compute import class_archive, s3a_conf_and_env
         from fruits.spark_submit import s3_to_s3a
+        from fruits.tuning import LOCAL_JVM_OPTIONS
 
         args = list(step.args)
         if step.jar != "command-runner.jar" or not args or args[0] != "spark-submit":
@@ -607,8 +609,9 @@ class EmrHarness:
         s3a_conf, env = s3a_conf_and_env(s.aws_conn_id, s, self.spark_master)
         local = {**s3a_conf, "spark.driver.memory": "2g"}  # this machine, not the primary node
         archive_options, publish = class_archive(s, Path(script).stem, local)
-        if archive_options:
-            local["spark.driver.extraJavaOptions"] = archive_options
+        # This machine's JVM settings, as for a local step (C1 only, the serial collector): they change
+        # what the JVM spends starting on two cores, not what Spark runs.
+        local["spark.driver.extraJavaOptions"] = f"{LOCAL_JVM_OPTIONS} {archive_options}".strip()
         argv = [str(Path(s.spark_python).parent / "spark-submit"), "--master", self.spark_master, *options]
         for key in sorted(local):
             argv += ["--conf", f"{key}={local[key]}"]

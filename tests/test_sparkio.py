@@ -19,7 +19,12 @@ import pyarrow.compute as pc
 from pyspark.sql import SparkSession
 from fruits_jobs import sparkio
 
-spark = SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()
+spark = (
+    SparkSession.builder.master("local[2]")
+    .config("spark.ui.enabled", "false")
+    .config("spark.driver.extraJavaOptions", sys.argv[1])
+    .getOrCreate()
+)
 frame = spark.range(50).selectExpr("id", "cast(id * 3 as string) as s").repartition(3)
 
 def double(batches):
@@ -36,9 +41,16 @@ spark.stop()
 
 
 def test_map_in_arrow_equals_pyspark_and_leaves_pandas_unimported():
+    from fruits.tuning import LOCAL_JVM_OPTIONS
+
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(REPO / "spark_jobs")}
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+        [sys.executable, "-c", DRIVER, LOCAL_JVM_OPTIONS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,6 +84,7 @@ def test_a_local_step_imports_the_installed_pyspark_not_the_zip(tmp_path):
     pyspark zip left on their path (PySpark's worker re-reads every zip's directory at each task)."""
     import pyspark
     from fruits.local_compute import local_python_path
+    from fruits.tuning import LOCAL_JVM_OPTIONS
 
     script = tmp_path / "where.py"
     script.write_text(WHERE)
@@ -83,7 +96,7 @@ def test_a_local_step_imports_the_installed_pyspark_not_the_zip(tmp_path):
     }
     spark_submit = str(Path(sys.executable).parent / "spark-submit")
     done = subprocess.run(
-        [spark_submit, "--master", "local[1]", str(script)],
+        [spark_submit, "--master", "local[1]", "--driver-java-options", LOCAL_JVM_OPTIONS, str(script)],
         env=env,
         capture_output=True,
         text=True,
