@@ -144,5 +144,9 @@ def test_a_worker_keeps_its_connections_from_one_task_to_the_next(s3_server) -> 
         reader = objects.worker_reader(settings)
         assert all(f.data == b"jpeg bytes" for f in objects.read_ahead(files, reader.get))
         seen.append(_my_connections_to(port))
-    assert seen[0] and seen[1] <= seen[0], seen
+    # A reader per task opens one connection per fetch thread again (16 new ones). One kept reader opens
+    # none, or one where the server closed an idle one in between (seen here in 2 of 8 runs: 17 then 18).
+    # The first task must have opened several, or the check could not tell.
+    opened = seen[1] - seen[0]
+    assert len(seen[0]) > 4 and len(opened) <= 2, (len(seen[0]), len(seen[1]), opened)
     assert objects.worker_reader(settings) is reader
