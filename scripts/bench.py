@@ -567,15 +567,16 @@ def main() -> int:
                     f"DAG run on {SMALL_BATCH_IMAGES} new photos: {seconds:.1f} s; by task {tasks}; CPU s {cpu}; "
                     f"S3 requests {requests}"
                 )
-            seconds, tasks, *_ = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
+            seconds, tasks, _, by_op = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
             out["small_run_s"] = round(seconds, 1)
             extra["small_run_tasks_s"] = tasks  # the median run's
             extra["small_runs_s"] = [round(run[0], 1) for run in runs]
             # CPU seconds, machine noise aside: Airflow's process and the steps' processes, for each run.
             extra["small_runs_cpu_s"] = [run[2] for run in runs]
-            # Counts, which do not depend on the machine: every request of each run, and by operation.
+            # Counts, which do not depend on the machine: every request of each run, and the median run's by
+            # operation (the run small_run_tasks_s is from).
             extra["small_runs_s3_requests"] = [sum(run[3].values()) for run in runs]
-            extra["small_run_s3_requests_by_op"] = dict(sorted(runs[-1][3].items(), key=lambda kv: -kv[1]))
+            extra["small_run_s3_requests_by_op"] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
             extra["small_run_load_1min"] = [load, load_avg()]
 
         sample = list(images.values())
